@@ -1,0 +1,305 @@
+"""The stages in order, their cache keys, `plan()` with reasons, and `build()`.
+
+A stage's key is sha256 over (stage name, VERSION, the spec sections it is keyed on, the
+digests of its input artifacts and of the external files it reads). A stage only ever sees
+those sections (`SpecView`), so its key cannot miss a field it reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from . import spec as spec_mod
+from .artifacts import Artifact, file_sha256
+from .cache import Store, read_lock, write_json_atomic
+from .errors import UsageError
+from .spec import Spec
+
+STAGES = ("generate", "curate", "train", "export", "evaluate", "bundle")
+
+
+def stage_module(name: str) -> ModuleType:
+    """Stage modules keep heavy imports inside run(), so importing one here stays light."""
+    return importlib.import_module(f"distill_compiler.stages.{name}")
+
+
+class SpecView:
+    """Read-only access to the spec sections a stage is keyed on, and nothing else."""
+
+    def __init__(self, spec: Spec, sections: tuple[str, ...]):
+        self._values = {s: getattr(spec, s) for s in sections}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(
+                f"this stage is not keyed on spec section '{name}': add it to KEYED_ON") from None
+
+
+class Reporter:
+    """Where stages report progress; the CLI supplies a rich one, tests a silent one."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def progress(self, description: str, total: int | None) -> Callable[[int], None]:
+        return lambda n=1: None
+
+
+@dataclass
+class StageContext:
+    stage: str
+    spec: SpecView
+    spec_dir: Path
+    inputs: dict[str, Artifact]
+    out: Path
+    cache_root: Path
+    reporter: Reporter = field(default_factory=Reporter)
+
+    def log(self, message: str) -> None:
+        self.reporter.log(message)
+
+
+@dataclass(frozen=True)
+class Project:
+    """Where a spec's build lives: its directory, cache root and build directory."""
+
+    spec: Spec
+    spec_path: Path
+    cache_root: Path
+    build_dir: Path
+
+    @classmethod
+    def of(cls, spec: Spec, spec_path: str | Path, out: str | Path | None = None,
+           cache: str | Path | None = None) -> "Project":
+        spec_path = Path(spec_path).resolve()
+        here = spec_path.parent
+        return cls(spec, spec_path,
+                   Path(cache).resolve() if cache else here / ".distill",
+                   Path(out).resolve() if out else here / "build" / spec.name)
+
+    @property
+    def spec_dir(self) -> Path:
+        return self.spec_path.parent
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.build_dir / "bundle"
+
+
+# --------------------------------------------------------------------------- keys
+
+def section_values(spec: Spec, sections: tuple[str, ...]) -> dict[str, Any]:
+    """JSON-ready values of the sections, minus fields that cannot change a stage's output."""
+    dumped = spec.model_dump(mode="json", by_alias=True)
+    out = {}
+    for s in sections:
+        value = dumped[s]
+        if isinstance(value, dict) and s in spec_mod.NOT_KEYED:
+            value = {k: v for k, v in value.items() if k not in spec_mod.NOT_KEYED[s]}
+        out[s] = value
+    return out
+
+
+def external_digests(module: ModuleType, spec: Spec, spec_dir: Path) -> dict[str, str]:
+    files = getattr(module, "external_files", None)
+    if files is None:
+        return {}
+    view = SpecView(spec, module.KEYED_ON)
+    out = {}
+    for label, path in files(view, spec_dir).items():
+        if not path.is_file():
+            raise UsageError(f"{label}: file not found: {path}")
+        out[label] = file_sha256(path)
+    return out
+
+
+def stage_key(name: str, version: str, sections: dict, inputs: dict[str, str],
+              files: dict[str, str]) -> str:
+    payload = {"stage": name, "version": version, "sections": sections, "inputs": inputs,
+               "files": files}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class StagePlan:
+    name: str
+    status: str  # "cached" | "stale"
+    reasons: list[str]
+    key: str | None  # None when an upstream stage must run first
+    record: dict  # what the lock will hold for this stage
+
+
+def _describe(module: ModuleType, spec: Spec, project: Project,
+              inputs: dict[str, str]) -> tuple[str, dict]:
+    sections = section_values(spec, module.KEYED_ON)
+    files = external_digests(module, spec, project.spec_dir)
+    key = stage_key(module.__name__.rsplit(".", 1)[-1], module.VERSION, sections, inputs, files)
+    return key, {"key": key, "version": module.VERSION, "sections": sections,
+                 "inputs": inputs, "files": files}
+
+
+def plan(project: Project) -> list[StagePlan]:
+    """For each stage: cached or stale, and why, without running anything."""
+    store, lock = Store(project.cache_root), read_lock(project.build_dir)
+    digests: dict[str, str] = {}
+    out: list[StagePlan] = []
+    for name in STAGES:
+        module = stage_module(name)
+        stale_upstream = [u for u in module.INPUTS if u not in digests]
+        if stale_upstream:
+            out.append(StagePlan(name, "stale", [f"upstream {u} is stale" for u in stale_upstream],
+                                 None, {}))
+            continue
+        inputs = {u: digests[u] for u in module.INPUTS}
+        key, record = _describe(module, project.spec, project, inputs)
+        hit = store.get(name, key)
+        if hit:
+            digests[name] = hit.digest
+            out.append(StagePlan(name, "cached", [], key, record))
+        else:
+            out.append(StagePlan(name, "stale", why_stale(lock.get(name), record), key, record))
+    return out
+
+
+def why_stale(previous: dict | None, current: dict) -> list[str]:
+    """Human reasons a stage's key differs from the one recorded in the lock."""
+    if not previous:
+        return ["never built"]
+    reasons = []
+    if previous.get("version") != current["version"]:
+        reasons.append(f"stage VERSION {previous.get('version')} -> {current['version']}")
+    reasons += [f"{path}: {_short(a)} -> {_short(b)}"
+                for path, a, b in diff_values(previous.get("sections", {}), current["sections"])]
+    for name, digest in current["inputs"].items():
+        if previous.get("inputs", {}).get(name) != digest:
+            reasons.append(f"input {name} changed")
+    for label, digest in current["files"].items():
+        if previous.get("files", {}).get(label) != digest:
+            reasons.append(f"file {label} changed")
+    return reasons or ["cache entry missing or corrupt"]
+
+
+_MISSING = object()
+
+
+def diff_values(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """Leaf-level differences between two JSON values, as (dotted path, old, new)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in list(a) + [k for k in b if k not in a]:
+            sub = f"{path}.{k}" if path else k
+            out += diff_values(a.get(k, _MISSING), b.get(k, _MISSING), sub)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            out += diff_values(x, y, f"{path}[{i}]")
+        return out
+    return [] if a == b else [(path, a, b)]
+
+
+def _short(value: Any) -> str:
+    if value is _MISSING:
+        return "(unset)"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --------------------------------------------------------------------------- build
+
+@dataclass
+class StageRun:
+    name: str
+    cached: bool
+    seconds: float
+    artifact: Artifact
+    summary: dict
+
+
+@dataclass
+class BuildResult:
+    project: Project
+    runs: list[StageRun]
+
+    def summary(self, stage: str) -> dict:
+        return next((r.summary for r in self.runs if r.name == stage), {})
+
+
+def build(project: Project, *, until: str | None = None, force: tuple[str, ...] = (),
+          reporter: Reporter | None = None) -> BuildResult:
+    """Run every stale stage in order (up to `until`), reuse cached ones, write the lock."""
+    for name in (until, *force):
+        if name is not None and name not in STAGES:
+            raise UsageError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+    reporter = reporter or Reporter()
+    store = Store(project.cache_root)
+    lock = read_lock(project.build_dir)
+    built: dict[str, Artifact] = {}
+    runs: list[StageRun] = []
+    for name in STAGES:
+        module = stage_module(name)
+        inputs = {u: built[u] for u in module.INPUTS}
+        key, record = _describe(module, project.spec, project,
+                                {u: a.digest for u, a in inputs.items()})
+        started = time.perf_counter()
+        artifact = None if name in force else store.get(name, key)
+        cached = artifact is not None
+        if artifact is None:
+            reporter.log(f"[bold]{name}[/]: running")
+            artifact = _run_stage(module, name, key, project, inputs, store, reporter)
+        seconds = round(time.perf_counter() - started, 3)
+        built[name] = artifact
+        summary = artifact.meta.get("summary", {})
+        runs.append(StageRun(name, cached, seconds, artifact, summary))
+        if not cached:
+            record["duration_s"] = seconds
+        else:
+            record["duration_s"] = lock.get(name, {}).get("duration_s")
+        lock[name] = {**record, "output": artifact.digest, "summary": summary}
+        write_json_atomic(project.build_dir / "distill.lock", lock)
+        if name == until:
+            break
+    if "bundle" in built:
+        publish_bundle(built["bundle"], project.bundle_dir)
+    return BuildResult(project, runs)
+
+
+def _run_stage(module: ModuleType, name: str, key: str, project: Project,
+               inputs: dict[str, Artifact], store: Store, reporter: Reporter) -> Artifact:
+    meta: dict = {}  # filled by produce(); commit() reads it only after produce() returns
+
+    def produce(tmp: Path) -> None:
+        ctx = StageContext(name, SpecView(project.spec, module.KEYED_ON), project.spec_dir,
+                           inputs, tmp, project.cache_root, reporter)
+        meta["summary"] = module.run(ctx) or {}
+
+    return store.commit(name, key, module.KIND, meta, produce)
+
+
+def publish_bundle(artifact: Artifact, target: Path) -> None:
+    """Copy the bundle artifact to `<build>/bundle`, replacing the old one in one rename."""
+    staging = target.with_name(f".{target.name}.new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(artifact.path, staging)
+    (staging / "artifact.json").unlink(missing_ok=True)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
