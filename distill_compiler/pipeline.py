@@ -32,6 +32,14 @@ def stage_module(name: str) -> ModuleType:
     return importlib.import_module(f"distill_compiler.stages.{name}")
 
 
+def default_stages() -> list[ModuleType]:
+    return [stage_module(name) for name in STAGES]
+
+
+def stage_name(module: ModuleType) -> str:
+    return module.__name__.rsplit(".", 1)[-1]
+
+
 class SpecView:
     """Read-only access to the spec sections a stage is keyed on, and nothing else."""
 
@@ -145,21 +153,21 @@ def _describe(module: ModuleType, spec: Spec, project: Project,
               inputs: dict[str, str]) -> tuple[str, dict]:
     sections = section_values(spec, module.KEYED_ON)
     files = external_digests(module, spec, project.spec_dir)
-    key = stage_key(module.__name__.rsplit(".", 1)[-1], module.VERSION, sections, inputs, files)
+    key = stage_key(stage_name(module), module.VERSION, sections, inputs, files)
     return key, {"key": key, "version": module.VERSION, "sections": sections,
                  "inputs": inputs, "files": files}
 
 
-def plan(project: Project) -> list[StagePlan]:
+def plan(project: Project, stages: list[ModuleType] | None = None) -> list[StagePlan]:
     """For each stage: cached or stale, and why, without running anything."""
     store, lock = Store(project.cache_root), read_lock(project.build_dir)
     digests: dict[str, str] = {}
     out: list[StagePlan] = []
-    for name in STAGES:
-        module = stage_module(name)
+    for module in stages or default_stages():
+        name = stage_name(module)
         stale_upstream = [u for u in module.INPUTS if u not in digests]
         if stale_upstream:
-            out.append(StagePlan(name, "stale", [f"upstream {u} is stale" for u in stale_upstream],
+            out.append(StagePlan(name, "stale", [f"upstream {', '.join(stale_upstream)} stale"],
                                  None, {}))
             continue
         inputs = {u: digests[u] for u in module.INPUTS}
@@ -238,18 +246,20 @@ class BuildResult:
 
 
 def build(project: Project, *, until: str | None = None, force: tuple[str, ...] = (),
-          reporter: Reporter | None = None) -> BuildResult:
+          reporter: Reporter | None = None, stages: list[ModuleType] | None = None) -> BuildResult:
     """Run every stale stage in order (up to `until`), reuse cached ones, write the lock."""
+    stages = stages or default_stages()
+    names = [stage_name(m) for m in stages]
     for name in (until, *force):
-        if name is not None and name not in STAGES:
-            raise UsageError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+        if name is not None and name not in names:
+            raise UsageError(f"unknown stage '{name}' (stages: {', '.join(names)})")
     reporter = reporter or Reporter()
     store = Store(project.cache_root)
     lock = read_lock(project.build_dir)
     built: dict[str, Artifact] = {}
     runs: list[StageRun] = []
-    for name in STAGES:
-        module = stage_module(name)
+    for module in stages:
+        name = stage_name(module)
         inputs = {u: built[u] for u in module.INPUTS}
         key, record = _describe(module, project.spec, project,
                                 {u: a.digest for u, a in inputs.items()})

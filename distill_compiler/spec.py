@@ -279,11 +279,16 @@ def parse_spec(text: str, file: str = "spec.yaml", overrides: dict[str, Any] | N
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(file, [_pydantic_problem(e, located) for e in exc.errors()]) from None
+        problems = [_pydantic_problem(e, located) for e in exc.errors()]
+        raise SpecError(file, sorted(problems, key=_reading_order)) from None
     problems = [located.problem(path, msg, hint) for path, msg, hint in check_spec(spec)]
     if problems:
-        raise SpecError(file, problems)
+        raise SpecError(file, sorted(problems, key=_reading_order))
     return spec
+
+
+def _reading_order(problem: Problem) -> tuple[int, int]:
+    return (problem.line or 0, problem.col or 0)
 
 
 def _set_dotted(data: dict, dotted_key: str, value: Any) -> None:
@@ -313,6 +318,7 @@ def _pydantic_problem(err: dict, located: yamlpos.Located) -> Problem:
         msg = f"{err['input']!r} does not match {err['ctx']['pattern']}"
     else:
         hint = None
+    msg = msg.replace("valid tuple", "list").replace("valid dictionary", "mapping")
     return located.problem(path, msg[0].lower() + msg[1:], hint)
 
 

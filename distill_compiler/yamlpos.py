@@ -84,8 +84,12 @@ def load(text: str, file: str) -> Located:
 
 def _syntax_problem(exc: yaml.MarkedYAMLError, lines: list[str]) -> Problem:
     mark = exc.problem_mark or exc.context_mark
+    what = exc.problem or "invalid YAML"
+    if exc.context:
+        what = f"{what} {exc.context}"
+    if mark is not None and mark.line >= len(lines) and exc.context_mark is not None:
+        mark = exc.context_mark  # an error at end of file is best shown where it started
     line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-    what = exc.problem or exc.context or "invalid YAML"
     snippet = Located(None, lines).snippet(line, col, context=2) if line and lines else None
     return Problem("", f"YAML syntax error: {what}", "fix the YAML syntax at this position",
                    line, col, snippet)

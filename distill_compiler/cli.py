@@ -1,0 +1,275 @@
+"""The `distill` command: a thin click layer over load_spec, plan, build and the runtime.
+
+Heavy imports happen inside the commands that need them: `check`, `show` and `plan` never
+import torch. Every user-caused error is printed without a traceback (`--debug` shows one)
+and mapped to the exit codes in errors.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import pipeline, spec as spec_mod
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError, SpecError, UsageError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+class RichReporter(pipeline.Reporter):
+    """Stage progress on stderr: a log line per event, a bar per long loop."""
+
+    def __init__(self, console: Console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeElapsedColumn
+        self.console = console
+        self.bars = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=console, transient=True)
+
+    def log(self, message: str) -> None:
+        self.console.print(message)
+
+    def progress(self, description: str, total: int | None):
+        if not self.bars.live.is_started:
+            self.bars.start()
+        task = self.bars.add_task(description, total=total)
+
+        def advance(n: int = 1) -> None:
+            self.bars.advance(task, n)
+            if total is not None and self.bars.tasks[task].completed >= total:
+                self.bars.remove_task(task)
+                if not self.bars.tasks:
+                    self.bars.stop()
+        return advance
+
+    def close(self) -> None:
+        if self.bars.live.is_started:
+            self.bars.stop()
+
+
+def parse_sets(values: tuple[str, ...]) -> dict:
+    """`--set student.epochs=5` -> {"student.epochs": 5}; values are read as YAML scalars."""
+    parsed = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got '{item}'")
+        parsed[key.strip()] = yaml.safe_load(raw) if raw else ""
+    return parsed
+
+
+def load_project(spec_path: str, out_dir: str | None, cache: str | None,
+                 sets: tuple[str, ...] = ()) -> pipeline.Project:
+    spec = spec_mod.load_spec(spec_path, parse_sets(sets))
+    return pipeline.Project.of(spec, spec_path, out_dir, cache)
+
+
+spec_argument = click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+out_option = click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+                          help="Build directory (default: build/<name>/ beside the spec).")
+cache_option = click.option("--cache", type=click.Path(file_okay=False),
+                            help="Cache directory (default: .distill/ beside the spec).")
+set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                          help="Override a spec field, e.g. --set student.epochs=5.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="distill-compiler")
+@click.pass_context
+def app(ctx: click.Context, debug: bool) -> None:
+    """Compile a YAML task spec into a small, fast student model and an edge bundle."""
+    ctx.obj = {"debug": debug}
+
+
+@app.command()
+@click.argument("specs", metavar="SPEC...", nargs=-1, required=True,
+                type=click.Path(dir_okay=False))
+def check(specs: tuple[str, ...]) -> None:
+    """Validate specs; print every problem as file:line:col."""
+    failed = 0
+    for path in specs:
+        try:
+            spec = spec_mod.load_spec(path)
+        except SpecError as exc:
+            failed += 1
+            err.print(escape(exc.render()))
+            continue
+        out.print(f"{escape(path)}: ok ({spec.task}, {_outline(spec)})")
+    if failed:
+        sys.exit(EXIT_USAGE)
+
+
+def _outline(spec: spec_mod.Spec) -> str:
+    if spec.task == "classify":
+        return f"{len(spec_mod.class_labels(spec.intents, spec.refusals))} labels"
+    if spec.task == "extract":
+        return f"{len(spec.output.schema_.get('properties', {}))} output fields"
+    return f"{len(spec.tools)} tools, {len(spec.scenarios)} scenarios"
+
+
+@app.command()
+@click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
+@click.option("--docs", is_flag=True, help="Print the documentation of every spec field.")
+def show(spec_path: str | None, docs: bool) -> None:
+    """Print a spec with every default filled in, or the field reference (--docs)."""
+    if docs:
+        for name, kind, doc in spec_mod.field_docs():
+            out.print(f"[bold]{escape(name)}[/] [dim]{escape(kind)}[/]\n    {escape(doc)}")
+        return
+    if not spec_path:
+        raise UsageError("show needs a SPEC (or --docs)")
+    spec = spec_mod.load_spec(spec_path)
+    dumped = spec.model_dump(mode="json", by_alias=True)
+    out.print(escape(yaml.safe_dump(dumped, sort_keys=False, allow_unicode=True, width=100)),
+              end="")
+
+
+@app.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write to this file instead of stdout.")
+def schema(output: str | None) -> None:
+    """Print the JSON Schema of the spec format (specs/task-spec.schema.json)."""
+    text = json.dumps(spec_mod.json_schema(), indent=2, ensure_ascii=False) + "\n"
+    if output:
+        Path(output).write_text(text)
+    else:
+        click.echo(text, nl=False)
+
+
+@app.command("plan")
+@spec_argument
+@out_option
+@cache_option
+@set_option
+def plan_cmd(spec_path: str, out_dir: str | None, cache: str | None, sets: tuple[str, ...]) -> None:
+    """Say which stages are cached and which would run, and why."""
+    project = load_project(spec_path, out_dir, cache, sets)
+    for step in pipeline.plan(project):
+        color = "green" if step.status == "cached" else "yellow"
+        why = "; ".join(step.reasons)
+        out.print(f"{step.name:<9} [{color}]{step.status}[/]" + (f" {escape(why)}" if why else ""))
+
+
+@app.command("compile")
+@spec_argument
+@out_option
+@cache_option
+@set_option
+@click.option("--until", type=click.Choice(pipeline.STAGES), help="Stop after this stage.")
+@click.option("--force", multiple=True, type=click.Choice(pipeline.STAGES),
+              help="Rerun this stage even if cached (repeatable).")
+def compile_cmd(spec_path: str, out_dir: str | None, cache: str | None, sets: tuple[str, ...],
+                until: str | None, force: tuple[str, ...]) -> None:
+    """Build the student and its bundle, rerunning only what changed."""
+    project = load_project(spec_path, out_dir, cache, sets)
+    reporter = RichReporter(err)
+    started = time.perf_counter()
+    try:
+        result = pipeline.build(project, until=until, force=force, reporter=reporter)
+    finally:
+        reporter.close()
+    print_summary(result, time.perf_counter() - started)
+
+
+def print_summary(result: pipeline.BuildResult, seconds: float) -> None:
+    table = Table(title=None, box=None, pad_edge=False)
+    for column in ("stage", "status", "seconds", "summary"):
+        table.add_column(column)
+    for run in result.runs:
+        brief = ", ".join(f"{k}={_fmt(v)}" for k, v in list(run.summary.items())[:5])
+        table.add_row(run.name, "cached" if run.cached else "ran", f"{run.seconds:.1f}",
+                      escape(brief))
+    err.print(table)
+    ran = sum(not r.cached for r in result.runs)
+    gen = result.summary("generate")
+    line = (f"{ran} stage(s) ran, {len(result.runs) - ran} cached in {seconds:.1f}s; "
+            f"teacher: {gen.get('teacher_requests', 0)} requests, "
+            f"{gen.get('cached_requests', 0)} cached, ${gen.get('cost_usd', 0):.4f}")
+    err.print(line)
+    ev = result.summary("evaluate")
+    if ev:
+        err.print("metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in ev.items()))
+    if any(r.name == "bundle" for r in result.runs):
+        out.print(f"bundle: {result.project.bundle_dir}")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@app.command("run")
+@click.argument("bundle", type=click.Path(file_okay=False, exists=True))
+@click.argument("request", metavar="INPUT", required=False)
+@click.option("--file", "batch_file", type=click.File("r"),
+              help="JSONL of inputs, one request per line ('-' for stdin).")
+def run_cmd(bundle: str, request: str | None, batch_file) -> None:
+    """Answer INPUT (a JSON object) with a bundle, printing route and confidence as JSON."""
+    from . import runtime
+
+    loaded = runtime.load_bundle(bundle)
+    if batch_file is not None:
+        inputs = [_json_arg(line, f"line {i}") for i, line in enumerate(batch_file, 1)
+                  if line.strip()]
+        for answer in loaded.predict_batch(inputs):
+            click.echo(json.dumps(answer, ensure_ascii=False))
+        return
+    if request is None:
+        raise UsageError("give INPUT as a JSON object, e.g. '{\"message\": \"hi\"}', or --file")
+    click.echo(json.dumps(loaded.predict(_json_arg(request, "INPUT")), ensure_ascii=False,
+                          indent=2))
+
+
+def _json_arg(text: str, where: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where} is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a JSON object, e.g. '{{\"message\": \"hi\"}}'")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn user errors into messages and exit codes."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        err.print("interrupted: completed stages and teacher requests are cached; rerun to resume")
+        sys.exit(EXIT_INTERRUPTED)
+    except DistillError as exc:
+        if debug:
+            raise
+        err.print(escape(exc.render()))
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if debug or not _is_bundle_error(exc):
+            raise
+        err.print(escape(f"error: {exc}"))
+        sys.exit(EXIT_USAGE)
+
+
+def _is_bundle_error(exc: Exception) -> bool:
+    # runtime.py is a leaf that imports nothing from the compiler, so its errors are not
+    # DistillErrors; recognise them by module without importing the runtime here.
+    return type(exc).__module__ == "distill_compiler.runtime"

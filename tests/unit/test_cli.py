@@ -1,0 +1,87 @@
+"""The `distill` CLI: output, exit codes, and that light commands stay light."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill_compiler.cli import main
+from distill_compiler.errors import EXIT_USAGE
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden" / "spec_errors"
+EXAMPLE = ROOT / "examples" / "harbor-support" / "spec.yaml"
+
+
+def run_cli(*args):
+    """Run main() in-process; return (exit code, stdout, stderr) via pytest's capture."""
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
+def test_check_ok_and_errors(capsys):
+    assert run_cli("check", str(EXAMPLE)) == 0
+    assert "ok (classify, 8 labels)" in capsys.readouterr().out
+    code = run_cli("check", str(EXAMPLE), str(GOLDEN / "typo_key.yaml"))
+    captured = capsys.readouterr()
+    assert code == EXIT_USAGE
+    assert "typo_key.yaml:8:3: error: teacher.temprature: unknown field" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_show_fills_defaults_and_docs(capsys):
+    assert run_cli("show", str(EXAMPLE)) == 0
+    shown = capsys.readouterr().out
+    assert "warmup_ratio: 0.1" in shown and "name: harbor-support" in shown
+    assert run_cli("show", "--docs") == 0
+    docs = capsys.readouterr().out
+    assert "teacher.budget_usd" in docs and "Hard spending cap" in docs
+
+
+def test_plan_on_a_fresh_project(tmp_path, capsys):
+    assert run_cli("plan", str(EXAMPLE), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "b")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["generate", "stale", "never", "built"]
+    assert [l.split()[0] for l in lines] == ["generate", "curate", "train", "export", "evaluate", "bundle"]
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path, capsys):
+    assert run_cli("check", str(tmp_path / "missing.yaml")) == EXIT_USAGE
+    assert "cannot read spec" in capsys.readouterr().err
+    assert run_cli("plan", str(EXAMPLE), "--set", "student.epochs") == EXIT_USAGE
+    assert "--set expects key=value" in capsys.readouterr().err
+    assert run_cli("plan", str(EXAMPLE), "--set", "student.epoch=4") == EXIT_USAGE
+    assert "did you mean 'epochs'" in capsys.readouterr().err
+    assert run_cli("nonsense") == EXIT_USAGE
+
+
+def test_debug_lets_the_exception_through(tmp_path):
+    from distill_compiler.errors import SpecError
+
+    with pytest.raises(SpecError):
+        main(["--debug", "plan", str(tmp_path / "missing.yaml")])
+
+
+def test_schema_command_writes_the_checked_in_schema(tmp_path):
+    assert run_cli("schema", "-o", str(tmp_path / "s.json")) == 0
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(
+        (ROOT / "specs" / "task-spec.schema.json").read_text())
+
+
+@pytest.mark.parametrize("command", [["check"], ["show"], ["plan"]])
+def test_light_commands_never_import_torch(command, tmp_path):
+    extra = ["--cache", str(tmp_path / "c"), "-o", str(tmp_path / "b")] if command == ["plan"] else []
+    code = (
+        "import sys\n"
+        "from distill_compiler.cli import main\n"
+        f"try:\n    main({command + [str(EXAMPLE)] + extra!r})\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'litellm', 'onnxruntime') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

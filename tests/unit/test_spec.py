@@ -1,0 +1,73 @@
+"""Valid specs, overrides, the generated JSON Schema and the field docs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distill_compiler import spec as spec_mod
+from distill_compiler.errors import SpecError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MINIMAL = """
+name: demo
+task: classify
+intents:
+  - {name: billing, description: Charges and invoices., confusable_with: [refund]}
+  - {name: refund, description: Money back.}
+refusals:
+  - {name: legal_advice, description: Legal questions., response: "No legal advice."}
+teacher: {logs: [log.jsonl]}
+"""
+
+
+def test_minimal_spec_fills_defaults_and_is_frozen():
+    spec = spec_mod.parse_spec(MINIMAL)
+    assert spec.student.base == "minilm-l6" and spec.export.quantize == "int8"
+    assert spec_mod.class_labels(spec.intents, spec.refusals) == (
+        "billing", "refund", "legal_advice", "out_of_scope")
+    with pytest.raises(Exception):
+        spec.student.epochs = 9
+
+
+def test_overrides_apply_dotted_keys_and_are_validated():
+    spec = spec_mod.parse_spec(MINIMAL, overrides={"student.epochs": 5, "export.quantize": "none"})
+    assert spec.student.epochs == 5 and spec.export.quantize == "none"
+    with pytest.raises(SpecError) as caught:
+        spec_mod.parse_spec(MINIMAL, overrides={"student.epoch": 5})
+    assert "did you mean 'epochs'" in caught.value.render()
+
+
+def test_reference_specs_and_examples_are_valid():
+    paths = sorted(ROOT.glob("specs/*.yaml")) + sorted(ROOT.glob("examples/*/spec.yaml"))
+    assert paths, "no reference specs found"
+    for path in paths:
+        spec_mod.load_spec(path)
+
+
+def test_reference_specs_cover_every_task_type():
+    tasks = {spec_mod.load_spec(p).task for p in ROOT.glob("specs/*.yaml")}
+    assert tasks == {"classify", "extract", "agent"}
+
+
+def test_checked_in_json_schema_is_current():
+    checked_in = json.loads((ROOT / "specs" / "task-spec.schema.json").read_text())
+    assert checked_in == spec_mod.json_schema(), (
+        "specs/task-spec.schema.json is stale: run `distill schema -o specs/task-spec.schema.json`")
+
+
+def test_json_schema_accepts_reference_specs_and_carries_docs():
+    import jsonschema
+    import yaml
+
+    schema = spec_mod.json_schema()
+    for path in ROOT.glob("specs/*.yaml"):
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    teacher = schema["$defs"]["Teacher"]["properties"]
+    assert "litellm" in teacher["model"]["description"]
+
+
+def test_every_field_is_documented():
+    undocumented = [name for name, _, doc in spec_mod.field_docs() if not doc]
+    assert undocumented == []
