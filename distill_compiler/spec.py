@@ -173,10 +173,12 @@ class Student(Section):
     """Local causal LM (id or path) used as the on-policy teacher for `method: gkd`."""
     lora: Lora | None = None
     """Train LoRA adapters (merged before export) instead of all weights."""
+    probe: bool = True
+    """Classify: fit the head on frozen sentence embeddings before fine-tuning (LP-FT); fine-tuning keeps the probe unless it beats it on validation."""
     epochs: float = Field(default=3, gt=0)
     """Passes over the training split (early stopping may end sooner)."""
     learning_rate: float = Field(default=5e-5, gt=0)
-    """Peak learning rate (linear warm-up then decay)."""
+    """Peak learning rate (linear warm-up then decay); a classifier's head gets 10x."""
     batch_size: int = Field(default=32, ge=1)
     """Examples per optimiser step."""
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
@@ -462,13 +464,18 @@ def check_escalation(spec: Spec) -> list[Finding]:
     return found
 
 
+def wants_generation(task: str, data: Data, scenarios: tuple[Scenario, ...]) -> bool:
+    """Whether the data section asks a live teacher for anything beyond replaying logs."""
+    return bool(data.per_intent or data.hard_negatives or data.out_of_scope or (
+        task == "agent" and scenarios))
+
+
 def check_teacher(spec: Spec) -> list[Finding]:
-    t, d = spec.teacher, spec.data
-    wants_generation = d.per_intent or d.hard_negatives or d.out_of_scope or (
-        spec.task == "agent" and spec.scenarios)
+    t = spec.teacher
+    generation = wants_generation(spec.task, spec.data, spec.scenarios)
     if not t.logs and not t.model:
         return [(("teacher",), "no teacher model and no logs", "set teacher.model or teacher.logs")]
-    if wants_generation and not t.model:
+    if generation and not t.model:
         return [(("teacher", "model"), "data generation asks for a live teacher",
                  "set teacher.model, or set data.per_intent/hard_negatives/out_of_scope to 0")]
     return []

@@ -1,14 +1,388 @@
-"""Ask the teacher for training data, or replay its recorded logs."""
+"""Ask the teacher for training data, or replay its recorded logs.
+
+Two kinds of teacher request, so that the student learns from the teacher's answers and not
+from what the generator meant to write:
+1. generation: a batch of `BATCH` new inputs per (cohort, subject, register, batch index);
+   the prompt is fixed for that tuple, so raising `data.per_intent` only adds new batches
+   (and uses more of the last one) while every earlier request hits the cache;
+2. answering: every input is then labelled (classify), extracted (extract) or played through
+   (agent) by the teacher at temperature 0.
+
+Replayed log records come first, then seeds from the spec, then generated ones, each in a
+fixed order, so examples.jsonl is deterministic whatever order answers arrive in.
+"""
 
 from __future__ import annotations
 
-from ..errors import StageError
+import asyncio
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DistillError, StageError
+from ..spec import wants_generation
 
 VERSION = "1"
 KIND = "examples"
-KEYED_ON = ("task", "description", "input", "output", "intents", "tools", "scenarios", "refusals", "teacher", "data")
+KEYED_ON = ("task", "description", "input", "output", "intents", "tools", "scenarios", "refusals",
+            "teacher", "data")
 INPUTS = ()
+
+BATCH = 10  # inputs asked for per generation request; part of every generation prompt
+MAX_TOOL_ROUNDS = 4  # assistant tool-call rounds per user turn before the trace is cut
+
+
+def external_files(spec, spec_dir: Path) -> dict[str, Path]:
+    files = {f"teacher.logs[{i}]": spec_dir / p for i, p in enumerate(spec.teacher.logs)}
+    if spec.teacher.templates:
+        folder = spec_dir / spec.teacher.templates
+        templates = sorted(folder.glob("*.j2")) if folder.is_dir() else []
+        # A missing folder is reported by the pipeline as a missing file under this label.
+        files.update({f"teacher.templates/{p.name}": p for p in templates}
+                     or {"teacher.templates": folder})
+    return files
 
 
 def run(ctx) -> dict:
-    raise StageError("generate", "this stage is not built yet", "see the open issues")
+    from .. import records
+    from ..logs import LogReader
+
+    spec = ctx.spec
+    examples = LogReader(spec, ctx.spec_dir).replay(spec.teacher.logs)
+    stats = {"requests": 0, "cached": 0, "cost_usd": 0.0, "prompt_tokens": 0,
+             "completion_tokens": 0, "rejected": {}}
+    # A model named only for serving escalations is not contacted by a logs-only build.
+    if spec.teacher.model and wants_generation(spec.task, spec.data, spec.scenarios):
+        generated, usage, rejected = asyncio.run(_generate(ctx))
+        examples += generated
+        stats.update(requests=usage.requests, cached=usage.cached,
+                     cost_usd=round(usage.cost_usd, 6), prompt_tokens=usage.prompt_tokens,
+                     completion_tokens=usage.completion_tokens, rejected=dict(sorted(rejected.items())))
+    if not examples:
+        raise StageError("generate", "no examples: the logs are empty and nothing was generated",
+                         "add teacher.logs, intent examples or set data.per_intent")
+    stats["by_cohort"] = dict(sorted(Counter(e["cohort"] for e in examples).items()))
+    stats["by_source"] = dict(sorted(Counter(e["source"] for e in examples).items()))
+    records.write_jsonl(ctx.out / "examples.jsonl", examples)
+    (ctx.out / "stats.json").write_text(records.canonical(stats) + "\n")
+    ctx.log(f"generate: {len(examples)} examples, {stats['requests']} teacher requests "
+            f"({stats['cached']} cached), ${stats['cost_usd']:.4f}")
+    return {"teacher_requests": stats["requests"], "cached_requests": stats["cached"],
+            "cost_usd": stats["cost_usd"], "examples": len(examples)}
+
+
+async def _generate(ctx):
+    from ..prompts import Prompts
+    from ..teacher import BudgetExhausted, Teacher
+    from ..teacher_cache import RequestCache
+
+    spec = ctx.spec
+    templates = ctx.spec_dir / spec.teacher.templates if spec.teacher.templates else None
+    cache = RequestCache.at(ctx.cache_root)
+    try:
+        teacher = Teacher(spec.teacher, cache)
+        generator = Generator(spec, teacher, Prompts(templates))
+        progress = ctx.reporter.progress("teacher", None)
+        try:
+            generated = await generator.run(progress)
+        except BudgetExhausted as stop:
+            # Restated now that requests in flight when it was hit have finished and been paid.
+            raise BudgetExhausted(stop.what, teacher.usage) from None
+        return generated, teacher.usage, generator.rejected
+    finally:
+        cache.close()
+
+
+async def gather_or_cancel(coros) -> list:
+    """gather(), stopping every task on the first failure.
+
+    After a stage error (budget spent, provider down) the teacher refuses new requests, so
+    the other tasks are drained: what is already in flight is paid for and gets cached.
+    Anything else (Ctrl-C, a bug) cancels them at once.
+    """
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except DistillError:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+# --------------------------------------------------------------------------- what to ask for
+
+@dataclass(frozen=True)
+class Ask:
+    """One generation request and how many of its BATCH inputs are used."""
+
+    cohort: str
+    template: str
+    variables: dict = field(hash=False)
+    take: int
+    intended: str | None  # the label the generator was asked for; the teacher decides
+
+
+@dataclass(frozen=True)
+class Seed:
+    text: str
+    intended: str
+
+
+def registers(data) -> list[tuple[str, str | None]]:
+    """(register, language) pairs to paraphrase into; `noise` is curate's, not the teacher's."""
+    out: list[tuple[str, str | None]] = []
+    for register in data.registers:
+        if register == "multilingual":
+            out += [("multilingual", lang) for lang in data.languages]
+        elif register != "noise":
+            out.append((register, None))
+    return out or [("formal", None)]
+
+
+def spread(count: int, cohort: str, template: str, variables: dict, intended: str | None,
+           regs: list[tuple[str, str | None]]) -> list[Ask]:
+    """`count` inputs dealt round-robin over registers, in batches of BATCH per register.
+
+    Input i goes to register i % R as its (i // R)-th input, so growing `count` only extends
+    each register's list: earlier batches keep their prompts (and their cache entries).
+    """
+    from ..prompts import register_style
+
+    asks = []
+    for r, (register, language) in enumerate(regs):
+        mine = len(range(r, count, len(regs)))
+        for batch in range(math.ceil(mine / BATCH)):
+            name = f"{cohort}:{register}" if cohort == "paraphrase" else cohort
+            asks.append(Ask(name, template, {**variables, "style": register_style(register, language),
+                                             "batch": batch, "n": BATCH},
+                            min(BATCH, mine - batch * BATCH), intended))
+    return asks
+
+
+def plan_asks(spec) -> list[Ask]:
+    data, regs = spec.data, registers(spec.data)
+    intents = {i.name: i for i in spec.intents}
+    asks: list[Ask] = []
+    if spec.task == "extract":
+        for intent in spec.intents or (None,):
+            asks += spread(data.per_intent, "paraphrase", "extract_input",
+                           {"intent": intent, "output_schema": spec.output.schema_},
+                           None, regs)
+        return asks
+    if spec.task != "classify":
+        return asks
+    for intent in spec.intents:
+        asks += spread(data.per_intent, "paraphrase", "paraphrase", {"intent": intent},
+                       intent.name, regs)
+    pairs = sorted({tuple(sorted((i.name, other))) for i in spec.intents for other in i.confusable_with})
+    for a, b in pairs:
+        for target, other in ((a, b), (b, a)):
+            half = data.hard_negatives // 2 + (data.hard_negatives % 2 if target == a else 0)
+            asks += spread(half, "hard_negative", "hard_negative",
+                           {"target": intents[target], "other": intents[other]}, target, regs)
+    for refusal in spec.refusals:
+        asks += spread(data.per_intent, "refusal_probe", "refusal_probe", {"refusal": refusal},
+                       refusal.name, regs)
+        # Look-alikes: a quarter as many as probes, enough to teach where refusal stops.
+        asks += spread(math.ceil(data.per_intent / 4), "refusal_lookalike", "refusal_lookalike",
+                       {"refusal": refusal, "intents": spec.intents}, None, regs)
+    asks += spread(data.out_of_scope, "out_of_scope", "out_of_scope", {"intents": spec.intents},
+                   "out_of_scope", regs)
+    return asks
+
+
+def seeds(spec) -> list[Seed]:
+    if spec.task not in ("classify", "extract"):
+        return []
+    return ([Seed(t, i.name) for i in spec.intents for t in i.examples]
+            + [Seed(t, r.name) for r in spec.refusals for t in r.examples])
+
+
+# --------------------------------------------------------------------------- asking
+
+class Generator:
+    def __init__(self, spec, teacher, prompts):
+        from .. import records
+        from ..spec import OUT_OF_SCOPE, class_labels
+
+        self.spec, self.teacher, self.prompts = spec, teacher, prompts
+        self.labels = class_labels(spec.intents, spec.refusals)
+        self.label_help = ([{"name": i.name, "description": i.description} for i in spec.intents]
+                           + [{"name": r.name, "description": r.description} for r in spec.refusals]
+                           + [{"name": OUT_OF_SCOPE, "description": "none of the above"}])
+        self.field = records.text_field(spec.input.schema_)
+        self.rejected: Counter[str] = Counter()
+        self.progress = lambda n=1: None
+
+    async def run(self, progress) -> list[dict]:
+        self.progress = progress
+        if self.spec.task == "agent":
+            jobs = [self.conversation(s, c) for s in self.spec.scenarios
+                    for c in range(max(1, self.spec.data.per_intent))]
+            return [r for r in await gather_or_cancel(jobs) if r is not None]
+        if (plan_asks(self.spec) or seeds(self.spec)) and self.field is None:
+            raise StageError("generate", "input.schema has no string property for generated text",
+                             "add one (e.g. `message: {type: string}`) or use teacher.logs only")
+        seeded = [self.answer(s.text, "seed", s.intended) for s in seeds(self.spec)]
+        batches = [self.ask(a) for a in plan_asks(self.spec)]
+        done = await gather_or_cancel([*seeded, *batches])
+        out = [r for r in done[:len(seeded)] if r is not None]
+        for batch in done[len(seeded):]:
+            out += batch
+        return out
+
+    async def ask(self, ask: Ask) -> list[dict]:
+        from ..teacher import BadReply, Request, json_schema_format, parse_json
+
+        schema = {"type": "object", "required": ["items"], "properties": {"items": {
+            "type": "array", "items": {"type": "string", "minLength": 1},
+            "minItems": BATCH, "maxItems": BATCH}}}
+        variables = {"description": self.spec.description, **ask.variables}
+        request = Request(self.prompts.chat("writer", ask.template, **variables),
+                          temperature=self.spec.teacher.temperature,
+                          response_format=json_schema_format("generated_inputs", schema))
+        reply = await self.teacher.complete(request)
+        self.progress(1)
+        try:
+            items = parse_json(reply.content, schema)["items"]
+        except BadReply as bad:
+            self.rejected[f"generation_{bad.reason}"] += 1
+            return []
+        answered = await gather_or_cancel(
+            [self.answer(text, ask.cohort, ask.intended, reply.key) for text in items[:ask.take]])
+        return [r for r in answered if r is not None]
+
+    async def answer(self, text: str, cohort: str, intended: str | None,
+                     generated_by: str | None = None) -> dict:
+        from .. import records
+
+        text = text.strip()
+        input = {self.field: text}
+        if self.spec.task == "extract":
+            target, soft, replies = await self.extract(text)
+        else:
+            target, soft, replies = await self.label(text)
+        self.progress(1)
+        provenance = {"request": replies[0].key, "model": self.spec.teacher.model,
+                      "cost_usd": round(sum(r.cost_usd for r in replies), 8), "log": None,
+                      "intended": intended, "generated_by": generated_by}
+        return records.example(input=input, target=target, soft=soft, cohort=cohort,
+                               source="teacher", provenance=provenance)
+
+    async def label(self, text: str):
+        """The teacher's label and soft distribution (see teacher.label_distribution)."""
+        from ..teacher import (Request, label_distribution, label_of, majority,
+                               vote_distribution)
+
+        teacher_cfg = self.spec.teacher
+        messages = self.prompts.chat("label", "message", description=self.spec.description,
+                                     labels=self.label_help, text=text)
+        first = await self.teacher.complete(Request(
+            messages, temperature=0.0, max_tokens=16,
+            logprobs=teacher_cfg.soft_labels == "logprobs"))
+        replies = [first]
+        chosen = label_of(first.content, self.labels)
+        if teacher_cfg.soft_labels == "none" or chosen is None:
+            return chosen or first.content, None, replies
+        if teacher_cfg.soft_labels == "logprobs" and first.logprobs:
+            return chosen, label_distribution(first.logprobs, self.labels, chosen), replies
+        # Sampled votes: asked for, or the provider gave no logprobs. The temperature-0 answer
+        # is the first vote and stays the target unless the votes clearly disagree.
+        more = await gather_or_cancel([self.teacher.complete(Request(
+            messages, temperature=teacher_cfg.temperature, max_tokens=16, sample=i))
+            for i in range(1, teacher_cfg.samples)])
+        replies += more
+        soft = vote_distribution([chosen] + [label_of(r.content, self.labels) for r in more],
+                                 self.labels)
+        return majority(soft, self.labels) or chosen, soft, replies
+
+    async def extract(self, text: str):
+        from ..teacher import BadReply, Request, json_schema_format, parse_json
+
+        schema = self.spec.output.schema_
+        reply = await self.teacher.complete(Request(
+            self.prompts.chat("extract", "message", description=self.spec.description,
+                              output_schema=schema, text=text),
+            temperature=0.0, response_format=json_schema_format("extraction", schema)))
+        try:
+            return parse_json(reply.content, schema), None, [reply]
+        except BadReply:
+            # Kept as the raw answer: curate drops it under output_schema and counts it.
+            return reply.content, None, [reply]
+
+    # ----------------------------------------------------------------- agent traces
+
+    async def conversation(self, scenario, index: int) -> dict | None:
+        """One multi-turn trace: the teacher plays the user, the agent (with the spec's
+        tools) and, where a tool lists no `results`, the tool itself."""
+        from .. import records
+        from ..teacher import Request
+
+        tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                    "parameters": t.parameters}}
+                 for t in self.spec.tools if not scenario.tools or t.name in scenario.tools]
+        system = {"role": "system", "content": self.prompts.text(
+            "agent", description=self.spec.description)}
+        trace: list[dict] = []
+        replies = []
+        for turn in range(scenario.turns):
+            transcript = [m for m in trace if m["role"] in ("user", "assistant") and m.get("content")]
+            user = await self.teacher.complete(Request(
+                [{"role": "user", "content": self.prompts.text(
+                    "agent_user", scenario=scenario, conversation=index, turn=turn,
+                    transcript=transcript)}],
+                temperature=self.spec.teacher.temperature, max_tokens=300))
+            replies.append(user)
+            if not user.content:
+                self.rejected["agent_empty_user_turn"] += 1
+                break
+            trace.append({"role": "user", "content": user.content.strip()})
+            for _ in range(MAX_TOOL_ROUNDS):
+                reply = await self.teacher.complete(Request([system, *trace], temperature=0.0,
+                                                            tools=tools))
+                replies.append(reply)
+                message = {"role": "assistant", "content": reply.content}
+                if reply.tool_calls:
+                    message["tool_calls"] = reply.tool_calls
+                trace.append(message)
+                if not reply.tool_calls:
+                    break
+                for call in reply.tool_calls:
+                    trace.append({"role": "tool", "tool_call_id": call["id"],
+                                  "content": await self.tool_result(call, replies)})
+        self.progress(1)
+        if not trace:
+            return None
+        provenance = {"request": replies[0].key, "model": self.spec.teacher.model,
+                      "cost_usd": round(sum(r.cost_usd for r in replies), 8), "log": None,
+                      "scenario": scenario.description}
+        return records.example(input=None, target=None, messages=trace, cohort="scenario",
+                               source="teacher", provenance=provenance)
+
+    async def tool_result(self, call: dict, replies: list) -> str:
+        from .. import records
+        from ..teacher import BadReply, Request, json_schema_format, parse_json
+
+        tool = next((t for t in self.spec.tools if t.name == call["function"]["name"]), None)
+        if tool is None:
+            return records.canonical({"error": f"unknown tool {call['function']['name']}"})
+        if tool.results:
+            # Deterministic pick among the spec's example results, keyed by the call.
+            pick = int(records.example_id(call["function"], None), 16) % len(tool.results)
+            return records.canonical(tool.results[pick])
+        schema = {"type": "object"}
+        reply = await self.teacher.complete(Request(
+            [{"role": "user", "content": self.prompts.text(
+                "tool_result", tool=tool, arguments=call["function"]["arguments"])}],
+            temperature=0.0, response_format=json_schema_format("tool_result", schema)))
+        replies.append(reply)
+        try:
+            return records.canonical(parse_json(reply.content, schema))
+        except BadReply as bad:
+            self.rejected[f"tool_result_{bad.reason}"] += 1
+            return records.canonical({"error": "the tool failed"})

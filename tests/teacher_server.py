@@ -1,0 +1,255 @@
+"""A fake OpenAI-compatible teacher on a real socket, for tests and benchmarks.
+
+A stdlib ThreadingHTTPServer on 127.0.0.1 (random port, in a thread) that answers
+`POST /v1/chat/completions` deterministically from the request, like a small rule-based
+teacher that understands the built-in prompt templates:
+
+- generation requests (`response_format` named `generated_inputs`) get `n` distinct sentences,
+  each carrying the keyword of the first label named in the prompt;
+- labelling requests (a system prompt listing `- label: description` lines) get the first
+  label whose keyword occurs in the message (else `out_of_scope`), with token logprobs when
+  asked;
+- other structured requests get the smallest instance of their JSON Schema built from words
+  of the message; requests with `tools` call the first tool once, then answer in text.
+
+Faults are injected per request, in order (`inject("ok", "429", "500", ...)`; "ok" passes one
+request through untouched), or for every request
+(`broken = True`): 429 with Retry-After, 500, a timeout (sleeps past the client's timeout),
+malformed JSON and schema-invalid answers. `hits` counts every HTTP request received, `max_in_flight` the most served at once (also
+served at `GET /stats`, and `GET /stats/reset` zeroes them, for a client in another process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+WORDS = ("amber basil cedar delta ember fjord garnet harbor indigo juniper kelp lagoon maple "
+         "nectar onyx pepper quartz raven saffron tundra umber velvet willow xenon yarrow zephyr "
+         "anchor beacon canyon dune estuary falcon glacier heron island jetty knoll lantern "
+         "meadow nebula orchard prairie quarry ridge summit thicket upland valley wharf").split()
+FAULTS = ("ok", "429", "500", "timeout", "malformed", "invalid")
+
+
+class FakeTeacher:
+    def __init__(self, keywords: dict[str, list[str]] | None = None, *, latency: float = 0.0,
+                 retry_after: str = "0.05", timeout_sleep: float = 1.0):
+        self.keywords = {k: [w.lower() for w in v] for k, v in (keywords or {}).items()}
+        self.latency, self.retry_after, self.timeout_sleep = latency, retry_after, timeout_sleep
+        self.broken = False
+        self.hits = 0
+        self.in_flight = self.max_in_flight = 0
+        self.bodies: list[dict] = []
+        self._faults: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self) -> "FakeTeacher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def inject(self, *faults: str) -> None:
+        assert all(f in FAULTS for f in faults), faults
+        with self._lock:
+            self._faults.extend(faults)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.hits, self.bodies, self.max_in_flight = 0, [], 0
+
+    def _take(self, body: dict) -> str | None:
+        with self._lock:
+            self.hits += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.bodies.append(body)
+            if self.broken:
+                return "500"
+            fault = self._faults.popleft() if self._faults else None
+            return None if fault == "ok" else fault
+
+    # ----------------------------------------------------------------- answers
+
+    def answer(self, body: dict, fault: str | None) -> dict:
+        messages = body["messages"]
+        system = next((m["content"] for m in messages if m["role"] == "system"), "")
+        user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "") or ""
+        fmt = (body.get("response_format") or {}).get("json_schema") or {}
+        logprobs = None
+        tool_calls = None
+        if body.get("tools"):
+            content, tool_calls = self._agent(body["tools"], messages)
+        elif fmt.get("name") == "generated_inputs":
+            content = json.dumps({"items": self._sentences(messages, fmt["schema"])})
+        elif fmt:
+            content = json.dumps(instance(fmt["schema"], user))
+        elif labels := re.findall(r"^- ([a-z][a-z0-9_]*):", system, re.M):
+            label = self.label(user, labels)
+            content = label
+            if body.get("logprobs"):
+                logprobs = label_logprobs(label, labels, body.get("top_logprobs") or 0)
+        else:
+            content = " ".join(random.Random(_digest(messages)).sample(WORDS, 6))
+        if fault == "malformed":
+            content = "{not json at all"
+        elif fault == "invalid":
+            content = json.dumps({"unexpected": True}) if fmt else "definitely_not_a_label"
+        message = {"role": "assistant", "content": content}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in messages)
+        return {"id": "chatcmpl-" + _digest(body)[:12], "object": "chat.completion",
+                "created": 0, "model": body.get("model", "x"),
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                             "finish_reason": "tool_calls" if tool_calls else "stop"}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 8,
+                          "total_tokens": prompt_tokens + 8}}
+
+    def label(self, text: str, labels: list[str]) -> str:
+        lowered = text.lower()
+        for label in labels:
+            if any(k in lowered for k in self.keywords.get(label, ())):
+                return label
+        return "out_of_scope" if "out_of_scope" in labels else labels[0]
+
+    def _sentences(self, messages: list[dict], schema: dict) -> list[str]:
+        n = schema["properties"]["items"].get("maxItems", 5)
+        prompt = "\n".join(str(m.get("content")) for m in messages)
+        named = sorted((prompt.find(label), label) for label in self.keywords if label in prompt)
+        keyword = self.keywords[named[0][1]][0] if named else None
+        out = []
+        for i in range(n):
+            rng = random.Random(f"{_digest(messages)}:{i}")
+            words = rng.sample(WORDS, 7)
+            if keyword:
+                words.insert(rng.randrange(len(words)), keyword)
+            out.append(" ".join(words))
+        return out
+
+    def _agent(self, tools: list[dict], messages: list[dict]):
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        if any(m["role"] == "tool" for m in messages[last_user:]):
+            return "Done: " + " ".join(random.Random(_digest(messages)).sample(WORDS, 5)), None
+        fn = tools[0]["function"]
+        args = instance(fn.get("parameters") or {"type": "object"}, messages[last_user]["content"])
+        call = {"id": "call_" + _digest(messages)[:8], "type": "function",
+                "function": {"name": fn["name"], "arguments": json.dumps(args)}}
+        return None, [call]
+
+
+def instance(schema: dict, text: str):
+    """The smallest value valid for `schema`, filled from the words of `text`."""
+    words = [w for w in re.findall(r"[A-Za-z]+", text or "") if len(w) > 3] or ["value"]
+    kind = schema.get("type")
+    if "enum" in schema:
+        return schema["enum"][0]
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: instance(v, text) for k, v in props.items()}
+    if kind == "array":
+        return [instance(schema.get("items", {"type": "string"}), text)]
+    if kind == "integer":
+        return len(words)
+    if kind == "number":
+        return float(len(words))
+    if kind == "boolean":
+        return True
+    return words[0]
+
+
+def label_logprobs(label: str, labels: list[str], top: int) -> dict:
+    """Logprobs of a label answer split at underscores: 0.8 on the chosen first token, 0.15
+    shared by the other labels' first tokens, 0.05 on a token that names no label."""
+    tokens = re.findall(r"_?[^_]+", label)
+    others = sorted({re.findall(r"_?[^_]+", l)[0] for l in labels} - {tokens[0]})
+    first = [(tokens[0], math.log(0.8))] + [(t, math.log(0.15 / max(1, len(others)))) for t in others]
+    first.append(("Sorry", math.log(0.05)))
+    content = []
+    for i, token in enumerate(tokens):
+        alts = first if i == 0 else [(token, math.log(0.99)), ("?", math.log(0.01))]
+        content.append({"token": token, "logprob": alts[0][1], "bytes": None,
+                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}
+                                         for t, lp in alts[:top]]})
+    return {"content": content}
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _handler(teacher: FakeTeacher):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stall
+
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+        def do_GET(self) -> None:
+            """`GET /stats`: the counters, for a client in another process (benchmarks)."""
+            with teacher._lock:
+                stats = {"hits": teacher.hits, "max_in_flight": teacher.max_in_flight}
+                if self.path.endswith("/reset"):
+                    teacher.hits, teacher.bodies, teacher.max_in_flight = 0, [], 0
+            self._send(200, stats)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            fault = teacher._take(body)
+            try:
+                self._answer(body, fault)
+            finally:
+                with teacher._lock:
+                    teacher.in_flight -= 1
+
+        def _answer(self, body: dict, fault: str | None) -> None:
+            if teacher.latency:
+                time.sleep(teacher.latency)
+            if fault == "timeout":
+                time.sleep(teacher.timeout_sleep)
+            if fault == "429":
+                return self._send(429, {"error": {"message": "slow down", "type": "rate_limit"}},
+                                  {"Retry-After": teacher.retry_after})
+            if fault == "500":
+                return self._send(500, {"error": {"message": "boom", "type": "server_error"}})
+            self._send(200, teacher.answer(body, fault))
+
+        def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+            data = json.dumps(payload).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                pass
+
+    return Handler
+
+
+def serve_forever(latency: float, port_out) -> None:
+    """Run a FakeTeacher until killed, reporting its api_base on `port_out` (a Queue): for
+    benchmarks, so the server's CPU does not share the client's interpreter lock."""
+    with FakeTeacher(latency=latency) as server:
+        port_out.put(server.api_base)
+        threading.Event().wait()

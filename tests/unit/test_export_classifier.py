@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import TINY_STUDENT, stage_context, tiny_spec
+from tiny_models import LABELS, classify_examples
+
+from distill_compiler.errors import StageError
+from distill_compiler.export_classifier import Parity, check_parity, head_nodes
+from distill_compiler.stages import export
+from distill_compiler.students import PooledClassifier
+
+
+def torch_logits(checkpoint, texts):
+    model, tokenizer = PooledClassifier.load(checkpoint / "model")
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).numpy(), {k: v.numpy() for k, v in enc.items()}
+
+
+def test_artifact_files_and_parity_report(exported_classifier):
+    names = {p.name for p in exported_classifier.iterdir()}
+    assert {"model.onnx", "model.fp32.onnx", "tokenizer.json", "labels.json", "parity.json"} <= names
+    parity = json.loads((exported_classifier / "parity.json").read_text())
+    assert parity["quantize"] == "int8" and parity["n"] == 24
+    assert parity["agreement_fp32"] == 1.0 and parity["max_abs_diff_fp32"] < 1e-4
+    assert 0.9 <= parity["agreement_shipped"] <= 1.0
+    sizes = parity["sizes"]
+    assert sizes["model.onnx"] < sizes["model.fp32.onnx"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fp32_graph_has_dynamic_axes_and_matches_torch(exported_classifier, trained_classifier,
+                                                       batch):
+    # Texts of different lengths: the batch is padded, so the mask matters too.
+    texts = ["refund me", "I forgot my password for the phone and cannot sign in at all",
+             "tell me a joke"][:batch]
+    expected, feed = torch_logits(trained_classifier, texts)
+    session = ort.InferenceSession(str(exported_classifier / "model.fp32.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert all(isinstance(d, str) for i in session.get_inputs() for d in i.shape)
+    (logits,) = session.run(["logits"], feed)
+    assert logits.shape == (batch, 3)
+    assert np.abs(logits - expected).max() < 1e-4
+
+
+def test_shipped_int8_graph_runs_and_mostly_agrees(exported_classifier, trained_classifier):
+    texts = [t for t, _ in classify_examples(10, offset=40)]
+    expected, feed = torch_logits(trained_classifier, texts)
+    (logits,) = ort.InferenceSession(str(exported_classifier / "model.onnx")).run(None, feed)
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_int8_keeps_the_classifier_head_in_fp32(exported_classifier):
+    import onnx
+
+    fp32, int8 = (onnx.load(str(exported_classifier / name)).graph
+                  for name in ("model.fp32.onnx", "model.onnx"))
+    gemm = fp32.node[-1]
+    assert gemm.op_type == "Gemm" and gemm.output == ["logits"]
+    assert head_nodes(exported_classifier / "model.fp32.onnx") == [gemm.name, f"{gemm.name}_MatMul"]
+    # quantize_dynamic splits the Gemm into MatMul + Add; both stay float.
+    producer = {out: node for node in int8.node for out in node.output}
+    add = producer["logits"]
+    matmul = producer[add.input[0]]
+    assert add.op_type == "Add" and matmul.op_type == "MatMul"
+    weights = {t.name: t.data_type for t in int8.initializer}
+    assert weights[matmul.input[1]] == weights[add.input[1]] == onnx.TensorProto.FLOAT
+    assert "MatMulInteger" in {n.op_type for n in int8.node}  # the encoder is quantized
+
+
+def test_tokenizer_json_truncates_at_export_length_without_padding(exported_classifier):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(exported_classifier / "tokenizer.json"))
+    assert tok.truncation["max_length"] == 32 and tok.padding is None
+    assert len(tok.encode(" ".join(["password"] * 100)).ids) == 32
+
+
+def test_quantize_none_ships_the_fp32_graph(tmp_path, trained_classifier, classify_splits):
+    spec = tiny_spec(export={"quantize": "none", "max_length": 32, "min_parity": 1.0})
+    summary = export.run(stage_context("export", tmp_path / "out",
+                                       {"train": trained_classifier, "curate": classify_splits}, spec))
+    assert summary["quantize"] == "none" and summary["agreement"] == 1.0
+    assert not (tmp_path / "out" / "model.fp32.onnx").exists()
+
+
+def test_parity_gate_names_the_figures():
+    with pytest.raises(StageError) as err:
+        check_parity(Parity(412, 1.0, 0.971, 1e-6), "int8", 0.99)
+    assert str(err.value) == ("int8 agrees with the trained model on 97.1% of 412 validation "
+                              "examples (< 99.0%)")
+    assert "quantize: none" in err.value.hint
+    check_parity(Parity(412, 1.0, 0.99, 1e-6), "int8", 0.99)  # at the threshold: passes
+
+
+def test_parity_gate_fails_the_stage_on_a_barely_trained_model(tmp_path, make_splits,
+                                                               tiny_encoder_dir):
+    # No probe and one epoch at a negligible learning rate leave the random head's logits close
+    # together, so int8 rounding flips some answers: the default 99% gate must refuse it.
+    from distill_compiler.stages import train
+
+    splits = make_splits(classify_examples(20), classify_examples(40, offset=20), labels=LABELS)
+    spec = tiny_spec(student={"base": str(tiny_encoder_dir), **TINY_STUDENT,
+                              "learning_rate": 1e-9, "epochs": 1, "probe": False},
+                     export={"quantize": "int8", "max_length": 32})
+    train.run(stage_context("train", tmp_path / "train", {"curate": splits}, spec))
+    ctx = stage_context("export", tmp_path / "out", {"train": tmp_path / "train", "curate": splits},
+                        spec)
+    with pytest.raises(StageError, match=r"^int8 agrees with the trained model on \d+\.\d% of "
+                                         r"120 validation examples \(< 99\.0%\)$") as err:
+        export.run(ctx)
+    assert "quantize: none" in err.value.hint and "train longer" in err.value.hint
+    parity = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert parity["agreement_fp32"] == 1.0 and parity["agreement_shipped"] < 0.99
+
+
+def test_other_tasks_are_not_built_yet(tmp_path, classify_splits):
+    spec = tiny_spec(task="agent", tools=[{"name": "t", "description": "d"}],
+                     student={"method": "sft"})
+    with pytest.raises(StageError, match="not built yet"):
+        export.run(stage_context("export", tmp_path / "out",
+                                 {"train": tmp_path, "curate": classify_splits}, spec))

@@ -1,0 +1,350 @@
+"""generate against a fake OpenAI-compatible teacher on a real socket, reached through litellm."""
+
+from __future__ import annotations
+
+import csv
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from teacher_server import FakeTeacher  # tests/ is on sys.path (conftest.py lives there)
+
+from distill_compiler import teacher as teacher_mod
+from distill_compiler.artifacts import Artifact
+from distill_compiler.errors import StageError
+from distill_compiler.pipeline import SpecView, StageContext
+from distill_compiler.spec import parse_spec
+from distill_compiler.stages import curate, generate
+
+REPO = Path(__file__).resolve().parents[2]
+BANKING77 = Path("/work/shared/datasets/banking77/banking_data/train.csv")
+KEYWORDS = {"billing": ["charge"], "refund": ["refund"], "legal_advice": ["lawyer"]}
+
+CLASSIFY = """
+name: shop-router
+task: classify
+description: Routes messages sent to a shop's support desk.
+intents:
+  - name: billing
+    description: Charges, invoices and payment methods.
+    examples: ["why was I charged twice"]
+    confusable_with: [refund]
+  - name: refund
+    description: Money back for a returned or cancelled order.
+refusals:
+  - name: legal_advice
+    description: Requests for legal advice.
+    response: "I can't help with legal questions."
+teacher:
+  model: openai/x
+  api_base: {api_base}
+  max_retries: 3
+  timeout_s: 5
+  max_concurrency: 8
+data:
+  per_intent: 20
+  registers: [formal, terse]
+"""
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(teacher_mod, "BACKOFF_BASE_S", 0.01)
+
+
+@pytest.fixture
+def fake():
+    with FakeTeacher(KEYWORDS) as server:
+        yield server
+
+
+def spec_of(text: str, **fmt):
+    return parse_spec(text.format(**fmt))
+
+
+def context(module, spec, tmp_path: Path, inputs=None) -> StageContext:
+    out = tmp_path / f"{module.__name__.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:6]}"
+    out.mkdir()
+    return StageContext(module.__name__.rsplit(".", 1)[-1], SpecView(spec, module.KEYED_ON),
+                        tmp_path, inputs or {}, out, tmp_path / "cache")
+
+
+def run_generate(spec, tmp_path):
+    ctx = context(generate, spec, tmp_path)
+    return ctx, generate.run(ctx)
+
+
+def examples(ctx) -> list[dict]:
+    return [json.loads(line) for line in (ctx.out / "examples.jsonl").read_text().splitlines()]
+
+
+def set_field(text: str, section: str, line: str) -> str:
+    return text.replace(f"{section}:\n", f"{section}:\n  {line}\n", 1)
+
+
+# --------------------------------------------------------------------------- classify
+
+def test_classify_generation_labels_every_input_with_soft_labels(fake, tmp_path):
+    spec = spec_of(CLASSIFY, api_base=fake.api_base)
+    ctx, summary = run_generate(spec, tmp_path)
+    records = examples(ctx)
+    # 20 per intent and per refusal, 5 refusal look-alikes, 1 seed.
+    assert summary["examples"] == len(records) == 20 + 20 + 20 + 5 + 1
+    assert summary["teacher_requests"] == fake.hits == 66 + 8  # 66 labels + 8 generation batches
+    assert summary["cached_requests"] == 0
+    by_cohort = json.loads((ctx.out / "stats.json").read_text())["by_cohort"]
+    assert by_cohort == {"paraphrase:formal": 20, "paraphrase:terse": 20, "refusal_probe": 20,
+                         "refusal_lookalike": 5, "seed": 1}
+    for record in records:
+        assert record["source"] == "teacher" and record["provenance"]["model"] == "openai/x"
+        assert abs(sum(record["soft"].values()) - 1) < 1e-4
+        assert max(record["soft"], key=record["soft"].get) == record["target"]
+    paraphrased = [r for r in records if r["cohort"].startswith("paraphrase")]
+    assert all(r["target"] == r["provenance"]["intended"] for r in paraphrased)
+
+
+def test_rerun_makes_no_requests_and_writes_the_same_examples(fake, tmp_path):
+    spec = spec_of(CLASSIFY, api_base=fake.api_base)
+    first, summary = run_generate(spec, tmp_path)
+    fake.reset_counts()
+    second, again = run_generate(spec, tmp_path)
+    assert fake.hits == 0
+    assert again["teacher_requests"] == 0 and again["cached_requests"] == summary["teacher_requests"]
+    assert (first.out / "examples.jsonl").read_bytes() == (second.out / "examples.jsonl").read_bytes()
+
+
+def test_interrupted_run_resumes_with_only_the_missing_requests(fake, tmp_path):
+    capped = spec_of(set_field(CLASSIFY, "teacher", "max_requests: 30"), api_base=fake.api_base)
+    with pytest.raises(StageError) as stop:
+        run_generate(capped, tmp_path)
+    assert "teacher.max_requests (30) reached: spent $0.0000 on 30 requests" in stop.value.message
+    assert "rerun" in stop.value.hint
+    assert fake.hits == 30
+    fake.reset_counts()
+    _, summary = run_generate(spec_of(CLASSIFY, api_base=fake.api_base), tmp_path)
+    assert fake.hits == summary["teacher_requests"] == 74 - 30
+    assert summary["cached_requests"] == 30
+
+
+def test_provider_outage_fails_the_stage_and_a_rerun_finishes_the_work(fake, tmp_path):
+    text = CLASSIFY.replace("max_retries: 3", "max_retries: 0").replace(
+        "max_concurrency: 8", "max_concurrency: 1")
+    spec = spec_of(text, api_base=fake.api_base)
+    fake.inject("500")
+    with pytest.raises(StageError, match="failed after 1 attempts: InternalServerError 500"):
+        run_generate(spec, tmp_path)
+    assert fake.hits == 1
+    fake.reset_counts()
+    _, summary = run_generate(spec, tmp_path)
+    assert summary["teacher_requests"] == fake.hits == 74 and summary["examples"] == 66
+
+
+def test_more_examples_per_intent_pays_only_for_the_new_ones(fake, tmp_path):
+    fifty = spec_of(CLASSIFY.replace("per_intent: 20", "per_intent: 50"), api_base=fake.api_base)
+    _, before = run_generate(fifty, tmp_path)
+    fake.reset_counts()
+    sixty = spec_of(CLASSIFY.replace("per_intent: 20", "per_intent: 60"), api_base=fake.api_base)
+    _, after = run_generate(sixty, tmp_path)
+    new = after["examples"] - before["examples"]
+    assert new == 10 + 10 + 10 + 2  # billing, refund, refusal probes, look-alikes (13 -> 15)
+    # Batches of 10 per register already covered 25 per register: no new generation request.
+    assert fake.hits == after["teacher_requests"] == new
+    assert not any(b.get("response_format") for b in fake.bodies)
+
+
+def test_budget_stops_at_its_limit_and_says_what_was_spent(fake, tmp_path):
+    # A priced model name makes litellm.completion_cost report real costs for the fake's usage.
+    text = set_field(CLASSIFY, "teacher", "budget_usd: 0.0001").replace(
+        "model: openai/x", "model: openai/gpt-4o-mini").replace("max_concurrency: 8", "max_concurrency: 1")
+    with pytest.raises(StageError) as stop:
+        run_generate(spec_of(text, api_base=fake.api_base), tmp_path)
+    message = stop.value.message
+    assert message.startswith("teacher.budget_usd ($0.0001) reached: spent $0.0001")
+    spent = float(message.split("spent $")[1].split()[0])
+    requests = int(message.split(" on ")[1].split()[0])
+    assert 0.0001 <= spent < 0.0002 and requests == fake.hits < 74
+
+
+def test_bad_answers_are_counted_and_dropped_not_fatal(fake, tmp_path):
+    spec = spec_of(CLASSIFY.replace("max_concurrency: 8", "max_concurrency: 1"), api_base=fake.api_base)
+    # With one request at a time the order is fixed: the seed's label, then generation batches.
+    fake.inject("invalid", "malformed", "invalid")
+    ctx, summary = run_generate(spec, tmp_path)
+    stats = json.loads((ctx.out / "stats.json").read_text())
+    assert stats["rejected"] == {"generation_malformed_json": 1, "generation_schema_invalid": 1}
+    assert summary["examples"] == 66 - 20  # two batches of ten lost
+    seed = next(r for r in examples(ctx) if r["cohort"] == "seed")
+    assert seed["target"] == "definitely_not_a_label" and seed["soft"] is None
+    curated = context(curate, spec, tmp_path, {"generate": Artifact(ctx.out, "examples", "d", {})})
+    result = curate.run(curated)
+    assert result["dropped"]["label"] == 1
+
+
+def test_sampled_soft_labels_vote(fake, tmp_path):
+    text = set_field(CLASSIFY, "teacher", "soft_labels: samples").replace(
+        "model: openai/x", "model: openai/x\n  samples: 3")
+    ctx, summary = run_generate(spec_of(text, api_base=fake.api_base), tmp_path)
+    assert summary["teacher_requests"] == 66 * 3 + 8
+    assert all(r["soft"] == {r["target"]: 1.0} for r in examples(ctx))  # a deterministic fake agrees
+
+
+def test_template_override_changes_prompts_and_keys_the_stage(fake, tmp_path):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "label.j2").write_text("Pick one.\n{% for l in labels %}\n- {{ l.name }}: {{ l.description }}\n"
+                                     "{% endfor %}\nJust the label.")
+    spec = spec_of(set_field(CLASSIFY, "teacher", "templates: prompts"), api_base=fake.api_base)
+    files = generate.external_files(SpecView(spec, generate.KEYED_ON), tmp_path)
+    assert files == {"teacher.templates/label.j2": folder / "label.j2"}
+    run_generate(spec, tmp_path)
+    labelling = [b for b in fake.bodies if not b.get("response_format")]
+    assert labelling and all(b["messages"][0]["content"].startswith("Pick one.") for b in labelling)
+
+
+# --------------------------------------------------------------------------- log replay
+
+def test_replays_chat_logs_without_a_live_teacher(tmp_path):
+    lines = [
+        {"messages": [{"role": "system", "content": "route"}, {"role": "user", "content": "refund my order"}],
+         "response": {"role": "assistant", "content": "refund"},
+         "logprobs": {"content": [{"token": "refund", "logprob": -0.1, "top_logprobs": [
+             {"token": "refund", "logprob": -0.1}, {"token": "billing", "logprob": -2.4}]}]}},
+        {"request": {"messages": [{"role": "user", "content": "charged twice"}]},
+         "response": {"model": "gpt-4o", "choices": [{"message": {"role": "assistant", "content": "billing"}}]}},
+        {"input": "talk to a lawyer", "label": "legal_advice"},
+        {"input": {"message": "hello there"}, "label": "out_of_scope"},
+    ]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    text = CLASSIFY.split("teacher:")[0] + "teacher:\n  logs: [log.jsonl]\n"
+    ctx, summary = run_generate(parse_spec(text), tmp_path)
+    assert summary == {"teacher_requests": 0, "cached_requests": 0, "cost_usd": 0.0, "examples": 4}
+    first, second, third, fourth = examples(ctx)
+    assert first["input"] == {"message": "refund my order"} and first["target"] == "refund"
+    assert first["soft"]["refund"] > 0.85 and set(first["soft"]) == {"refund", "billing"}
+    assert second["target"] == "billing" and second["provenance"]["model"] == "gpt-4o"
+    assert third["input"] == {"message": "talk to a lawyer"} and fourth["target"] == "out_of_scope"
+    assert [r["provenance"]["log"] for r in (first, fourth)] == ["log.jsonl:1", "log.jsonl:4"]
+    assert generate.external_files(SpecView(parse_spec(text), generate.KEYED_ON), tmp_path) == {
+        "teacher.logs[0]": tmp_path / "log.jsonl"}
+
+
+def test_csv_log_with_text_category_header(tmp_path):
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerows([["text", "category"], ["I was charged twice", "billing"],
+                          ["where is my money back", "refund"]])
+    text = CLASSIFY.split("teacher:")[0] + "teacher:\n  logs: [rows.csv]\n"
+    ctx, summary = run_generate(parse_spec(text), tmp_path)
+    assert [(r["input"]["message"], r["target"], r["provenance"]["log"]) for r in examples(ctx)] == [
+        ("I was charged twice", "billing", "rows.csv:2"), ("where is my money back", "refund", "rows.csv:3")]
+
+
+@pytest.mark.skipif(not BANKING77.is_file(), reason="banking77 is not on this machine")
+def test_banking77_csv_loads_as_a_classify_log(tmp_path):
+    text = CLASSIFY.split("teacher:")[0] + f"teacher:\n  logs: ['{BANKING77}']\n"
+    ctx, summary = run_generate(parse_spec(text), tmp_path)
+    records = examples(ctx)
+    assert summary["examples"] == len(records) == 10003
+    assert records[0]["input"] == {"message": "I am still waiting on my card?"}
+    assert records[0]["target"] == "card_arrival"
+    assert len({r["target"] for r in records}) == 77
+
+
+def test_harbor_support_log_replays(tmp_path):
+    log = REPO / "examples/harbor-support/data/teacher_log.jsonl"
+    text = CLASSIFY.split("teacher:")[0] + f"teacher:\n  logs: ['{log}']\n"
+    ctx, summary = run_generate(parse_spec(text), tmp_path)
+    assert summary["examples"] == 420
+    assert {r["target"] for r in examples(ctx)} >= {"refund", "billing", "legal_advice", "other"}
+
+
+def test_a_broken_log_line_is_reported_with_its_location(tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"input": "ok", "label": "refund"}\n{oops\n')
+    text = CLASSIFY.split("teacher:")[0] + "teacher:\n  logs: [log.jsonl]\n"
+    with pytest.raises(StageError, match=r"log.jsonl:2: not a JSON line"):
+        run_generate(parse_spec(text), tmp_path)
+
+
+# --------------------------------------------------------------------------- extract and agent
+
+EXTRACT = """
+name: orders
+task: extract
+description: Pulls order details out of customer emails.
+input: {{schema: {{type: object, properties: {{message: {{type: string}}}}, required: [message]}}}}
+output:
+  schema:
+    type: object
+    properties:
+      customer: {{type: string}}
+      items: {{type: integer}}
+    required: [customer, items]
+student: {{method: sft}}
+teacher:
+  model: openai/x
+  api_base: {api_base}
+  max_concurrency: 1
+data:
+  per_intent: 12
+  registers: [formal]
+"""
+
+
+def test_extract_answers_follow_the_output_schema(fake, tmp_path):
+    spec = spec_of(EXTRACT, api_base=fake.api_base)
+    ctx, summary = run_generate(spec, tmp_path)
+    assert summary["examples"] == 12 and fake.hits == 2 + 12  # batches of 10 and 2, then answers
+    answers = [b for b in fake.bodies if b["response_format"]["json_schema"]["name"] == "extraction"]
+    assert len(answers) == 12
+    assert answers[0]["response_format"]["json_schema"]["schema"] == spec.output.schema_
+    assert all(set(r["target"]) == {"customer", "items"} for r in examples(ctx))
+
+
+def test_extract_answer_that_breaks_the_schema_is_dropped_by_curate(fake, tmp_path):
+    spec = spec_of(EXTRACT, api_base=fake.api_base)
+    fake.inject("ok", "ok", "invalid")  # one request at a time: two batches, then the answers
+    ctx, summary = run_generate(spec, tmp_path)
+    assert summary["examples"] == 12
+    curated = context(curate, spec, tmp_path, {"generate": Artifact(ctx.out, "examples", "d", {})})
+    result = curate.run(curated)
+    assert result["kept"] == 11 and result["dropped"] == {"output_schema": 1}
+
+
+AGENT = """
+name: delivery-agent
+task: agent
+description: Moves deliveries for customers.
+tools:
+  - name: move_delivery
+    description: Move a delivery to a new date.
+    parameters:
+      type: object
+      properties: {{order_id: {{type: string}}, date: {{type: string}}}}
+      required: [order_id, date]
+scenarios:
+  - description: A customer wants their parcel delivered next week instead.
+    tools: [move_delivery]
+    turns: 2
+student: {{method: sft}}
+teacher:
+  model: openai/x
+  api_base: {api_base}
+data:
+  per_intent: 2
+"""
+
+
+def test_agent_traces_call_tools_with_simulated_results(fake, tmp_path):
+    spec = spec_of(AGENT, api_base=fake.api_base)
+    ctx, summary = run_generate(spec, tmp_path)
+    records = examples(ctx)
+    assert summary["examples"] == len(records) == 2
+    roles = [m["role"] for m in records[0]["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant"] * 2
+    call = records[0]["messages"][1]["tool_calls"][0]["function"]
+    assert call["name"] == "move_delivery" and isinstance(call["arguments"], str)
+    assert set(json.loads(call["arguments"])) == {"order_id", "date"}
+    curated = context(curate, spec, tmp_path, {"generate": Artifact(ctx.out, "examples", "d", {})})
+    assert curate.run(curated)["dropped"] == {}
