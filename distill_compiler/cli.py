@@ -8,6 +8,7 @@ and mapped to the exit codes in errors.py.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,8 @@ set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
 def app(ctx: click.Context, debug: bool) -> None:
     """Compile a YAML task spec into a small, fast student model and an edge bundle."""
     ctx.obj = {"debug": debug}
+    if debug:
+        os.environ["DISTILL_DEBUG"] = "1"  # keeps library warnings and progress bars
 
 
 @app.command()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import StageError
+from .library_noise import quiet_export, quiet_training_libraries
 from .records import read_jsonl
 from .runtime import OnnxClassifier, input_text
 from .students import PooledClassifier
@@ -156,15 +157,17 @@ def export_classifier(train_dir: Path, splits_dir: Path, out: Path, export, text
     if not val:
         raise StageError("export", "the validation split is empty, so parity cannot be checked",
                          "give curate more examples (data.holdout sets the validation share)")
+    quiet_training_libraries()
     model, tokenizer = PooledClassifier.load(train_dir / "model")
 
     shipped = out / "model.onnx"
     fp32 = shipped if export.quantize == "none" else out / "model.fp32.onnx"
     reporter.log(f"export: tracing to ONNX ({', '.join(input_names(tokenizer))} -> logits)")
-    export_fp32(model, tokenizer, fp32)
-    if export.quantize != "none":
-        reporter.log(f"export: quantizing weights to {export.quantize}")
-        quantize(fp32, shipped, export.quantize)
+    with quiet_export():
+        export_fp32(model, tokenizer, fp32)
+        if export.quantize != "none":
+            reporter.log(f"export: quantizing weights to {export.quantize}")
+            quantize(fp32, shipped, export.quantize)
     write_tokenizer(train_dir / "model" / "tokenizer.json", out / "tokenizer.json", export.max_length)
     shutil.copyfile(train_dir / "labels.json", out / "labels.json")
 

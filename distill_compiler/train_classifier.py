@@ -22,6 +22,7 @@ import torch
 
 from .errors import StageError
 from .kd_loss import distillation_loss, soft_targets
+from .library_noise import quiet_training_libraries
 from .records import read_jsonl
 # The runtime's rendering of a request as text, so training sees exactly what ships sees.
 from .runtime import input_text
@@ -157,6 +158,7 @@ def train_classifier(splits_dir: Path, out: Path, student, text_field: str | Non
     from transformers import set_seed
 
     started = time.perf_counter()
+    quiet_training_libraries()
     labels, train, val = read_splits(splits_dir, text_field)
     set_seed(student.seed)  # before loading: the new head's initialisation draws from it
     model, tokenizer = load_student(student.base, spec_dir, labels)
