@@ -244,6 +244,61 @@ def _json_arg(text: str, where: str) -> dict:
     return value
 
 
+@app.command("serve")
+@click.argument("bundle", type=click.Path(file_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0 picks a free one and prints it).")
+@click.option("--threads", type=click.IntRange(1), help="Requests answered in parallel (default: one per core).")
+@click.option("--escalation-log", type=click.Path(dir_okay=False),
+              help="Append each teacher-answered request here, as a teacher.logs row.")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
+              help="Larger request bodies get 413.")
+@click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1),
+              help="Completions in flight at once; more get 503.")
+@click.option("--request-timeout", default=30.0, show_default=True, type=click.FloatRange(0.001),
+              help="Seconds before a completion gets 504.")
+@click.option("--teacher-timeout", default=10.0, show_default=True, type=click.FloatRange(0.001),
+              help="Seconds to wait for the teacher before answering with the student.")
+def serve_cmd(bundle: str, host: str, port: int, threads: int | None, escalation_log: str | None,
+              max_body_bytes: int, concurrency: int, request_timeout: float,
+              teacher_timeout: float) -> None:
+    """Serve BUNDLE over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
+    try:
+        from . import server
+    except ImportError as exc:
+        raise UsageError(f"distill serve needs starlette and uvicorn ({exc}); "
+                         "pip install 'distill-compiler[serve]'") from None
+    limits = server.Limits(max_body_bytes, concurrency, request_timeout, teacher_timeout)
+    service = server.build_service(bundle, threads=threads, escalation_log=escalation_log,
+                                   limits=limits)
+    server.serve(service, host, port)
+
+
+@app.command("diff")
+@click.argument("build_a", type=click.Path(exists=True))
+@click.argument("build_b", type=click.Path(exists=True))
+@click.option("--tolerance", type=float, default=0.01, show_default=True,
+              help="How far a rate (agreement, escalation, ECE, label F1) may move the wrong "
+                   "way, and model size grow as a fraction, before it counts as a regression.")
+@click.option("--latency-tolerance", type=float, default=0.25, show_default=True,
+              help="How much latency may grow, as a fraction of A's, before it is a regression.")
+@click.option("--fail-on-regression", is_flag=True, help="Exit 1 when any regression is flagged.")
+@click.option("--json", "as_json", is_flag=True, help="Print the diff as JSON.")
+def diff_cmd(build_a: str, build_b: str, tolerance: float, latency_tolerance: float,
+             fail_on_regression: bool, as_json: bool) -> None:
+    """Compare two builds' reports; exit 1 when B fails its gates (or regresses, if asked)."""
+    from . import diff
+
+    result = diff.compare(diff.load_report(build_a), diff.load_report(build_b), tolerance,
+                          latency_tolerance)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        diff.render(result, out, fail_on_regression)
+    sys.exit(result.exit_code(fail_on_regression))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn user errors into messages and exit codes."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

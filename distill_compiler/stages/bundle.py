@@ -17,13 +17,14 @@ from .. import spec as spec_mod
 from ..artifacts import file_sha256
 from ..errors import StageError
 
-VERSION = "1"
+VERSION = "2"
 KIND = "bundle"
 KEYED_ON = ("name", "task", "description", "input", "output", "intents", "tools", "scenarios",
             "refusals", "escalation", "teacher", "data", "student", "export", "gates")
 INPUTS = ("generate", "curate", "train", "export", "evaluate")
 MANIFEST_FORMAT = 1
-FILES = ("model.onnx", "tokenizer.json", "policy.json", "report.json", "MODEL_CARD.md")
+FILES = ("model.onnx", "tokenizer.json", "policy.json", "report.json", "MODEL_CARD.md",
+         "report.html")
 RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy", "jsonschema")
 
 
@@ -100,7 +101,7 @@ def run(ctx) -> dict:
     report = {
         "metrics": metrics,
         "gates": [{"gate": g.name, "metric": g.metric, "value": g.value, "limit": g.limit,
-                   "passed": g.passed} for g in gates],
+                   "higher_is_better": g.higher_is_better, "passed": g.passed} for g in gates],
         "curate": read_input(path, "curate", "report.json"),
         "train": train_log,
         "parity": parity,
@@ -108,8 +109,11 @@ def run(ctx) -> dict:
     }
     write_json(ctx.out / "report.json", report)
 
-    from ..model_card import render  # only the bundle stage renders cards
-    (ctx.out / "MODEL_CARD.md").write_text(render(spec, policy, report), encoding="utf-8")
+    from .. import model_card, report_html  # only the bundle stage renders these
+    (ctx.out / "MODEL_CARD.md").write_text(model_card.render(spec, policy, report),
+                                           encoding="utf-8")
+    (ctx.out / "report.html").write_text(report_html.render(report, spec.name, spec.description),
+                                         encoding="utf-8")
 
     manifest = {
         "format": MANIFEST_FORMAT,

@@ -20,7 +20,7 @@ from ..errors import StageError
 from ..records import read_jsonl, write_jsonl
 from ..spec import OUT_OF_SCOPE
 
-VERSION = "1"
+VERSION = "2"
 KIND = "evaluation"
 KEYED_ON = ("task", "input", "intents", "refusals", "escalation", "export")
 INPUTS = ("export", "curate", "generate")
@@ -61,8 +61,9 @@ def run(ctx) -> dict:
         "n": {"val": len(val), "test": len(test)},
         "labels": labels,
         "val": {"agreement": metrics.agreement([d.label for d in val_decisions], val.targets)},
-        "test": metrics.classification_report([d.label for d in test_decisions], test.targets,
-                                              test.gold, test.cohorts, labels),
+        "test": {**metrics.classification_report([d.label for d in test_decisions], test.targets,
+                                                 test.gold, test.cohorts, labels),
+                 "confusion": confusion([d.label for d in test_decisions], test.targets, labels)},
         "calibration": calibration_report(val, test, temperature),
         "cascade": {
             "target_accuracy": target, "threshold": fit.threshold, "reached": fit.reached,
@@ -163,6 +164,18 @@ def calibration_report(val: Split, test: Split, temperature: float) -> dict:
     return out
 
 
+def confusion(predicted: list[str], target: list[str], labels: list[str]) -> dict:
+    """Counts of (teacher label, student label) on test; rows follow `labels`, then any teacher
+    label the student has no class for, so every test example is counted once."""
+    rows = labels + sorted(set(target) - set(labels))
+    row_of = {label: i for i, label in enumerate(rows)}
+    col_of = {label: j for j, label in enumerate(labels)}
+    counts = [[0] * len(labels) for _ in rows]
+    for p, t in zip(predicted, target):
+        counts[row_of[t]][col_of[p]] += 1
+    return {"rows": rows, "columns": list(labels), "counts": counts}
+
+
 def teacher_cost_per_request(stats_path: Path) -> float | None:
     """Mean cost of one paid teacher request; None when generate paid for none (replayed logs)."""
     try:
@@ -176,7 +189,8 @@ def teacher_cost_per_request(stats_path: Path) -> float | None:
 def measure_latency(classifier, texts: list[str], runs: int = LATENCY_RUNS) -> dict:
     """Batch-1 wall time of tokenize + model over test texts, as a service would call it."""
     if not texts:
-        return {"batch": 1, "runs": 0, "p50_ms": None, "p99_ms": None, "mean_ms": None}
+        return {"batch": 1, "runs": 0, "p50_ms": None, "p99_ms": None, "mean_ms": None,
+                "samples_ms": []}
     for i in range(LATENCY_WARMUP):
         classifier.logits([texts[i % len(texts)]])
     times = []
@@ -186,7 +200,7 @@ def measure_latency(classifier, texts: list[str], runs: int = LATENCY_RUNS) -> d
         times.append((time.perf_counter() - start) * 1000)
     p50, p99 = np.percentile(times, [50, 99])
     return {"batch": 1, "runs": runs, "p50_ms": float(p50), "p99_ms": float(p99),
-            "mean_ms": statistics.fmean(times)}
+            "mean_ms": statistics.fmean(times), "samples_ms": [round(t, 3) for t in times]}
 
 
 def summarize(report: dict) -> dict:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "examples" / "harbor-support" / "spec.yaml"
 BUNDLE_FILES = {"model.onnx", "tokenizer.json", "policy.json", "manifest.json", "report.json",
-                "MODEL_CARD.md"}
+                "MODEL_CARD.md", "report.html"}
 
 
 def cli(*args) -> int:

@@ -124,6 +124,11 @@ def test_evaluate_fits_the_policy_on_the_shipped_model(upstream, tmp_path):
     assert metrics["test"]["per_cohort"]["hard_negative"] == {"n": 1, "agreement": 0.0, "accuracy": 0.0}
     assert len(metrics["calibration"]["reliability_after"]) == 15
     assert summary["latency_p50_ms"] > 0 and metrics["latency"]["runs"] == 200
+    assert len(metrics["latency"]["samples_ms"]) == 200
+    assert metrics["test"]["confusion"] == {
+        "rows": LABELS, "columns": LABELS,
+        "counts": [[3, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0],
+                   [1, 0, 0, 0, 0]]}
     assert set(summary) == {"agreement", "accuracy", "escalation_rate", "accepted_accuracy",
                             "ece_before", "ece_after", "threshold", "latency_p50_ms",
                             "latency_p99_ms"}
@@ -158,11 +163,12 @@ def test_bundle_assembles_a_verified_bundle(upstream, tmp_path):
     summary, out = run_bundle(upstream, tmp_path, spec(gates={"min_teacher_agreement": 0.7,
                                                               "max_escalation_rate": 0.7}))
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["model.onnx", "tokenizer.json", "policy.json", "manifest.json", "report.json", "MODEL_CARD.md"])
+        ["model.onnx", "tokenizer.json", "policy.json", "manifest.json", "report.json", "MODEL_CARD.md",
+         "report.html"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == 1 and manifest["name"] == "bag" and len(manifest["spec_sha256"]) == 64
     assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "policy.json", "report.json",
-                                      "MODEL_CARD.md"}
+                                      "MODEL_CARD.md", "report.html"}
     assert manifest["versions"]["torch"] == "2.13.0" and manifest["versions"]["onnxruntime"]
     assert manifest["created_from"]["evaluate"] == "fixture-evaluate"
     policy = json.loads((out / "policy.json").read_text())
