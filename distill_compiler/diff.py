@@ -175,7 +175,7 @@ def render(diff: Diff, console, fail_on_regression: bool) -> None:
         for c in changes:
             flag = "[red]worse[/]" if c.regression else ""
             table.add_row(escape(c.name), fmt(c.name, c.a), fmt(c.name, c.b),
-                          fmt_delta(c.name, c.delta), flag)
+                          fmt(c.name, c.delta, signed=True), flag)
         console.print(table)
     for g in diff.gates:
         verdict = "[green]pass[/]" if gate_passes(g) else "[red]FAIL[/]"
@@ -191,21 +191,13 @@ def render(diff: Diff, console, fail_on_regression: bool) -> None:
         console.print("[green]no regressions[/]")
 
 
-def fmt(name: str, value: float | None) -> str:
+def fmt(name: str, value: float | None, signed: bool = False) -> str:
+    """A metric value (or, with `signed`, a delta) in the unit its name implies."""
     if value is None:
-        return "n/a"
+        return "" if signed else "n/a"
+    sign = "+" if signed else ""
     if name.endswith("_ms"):
-        return f"{value:.2f} ms"
+        return f"{value:{sign}.2f} ms"
     if name == "model_bytes":
-        return f"{value / 1e6:.2f} MB"
-    return f"{value:.3f}"
-
-
-def fmt_delta(name: str, delta: float | None) -> str:
-    if delta is None:
-        return ""
-    if name.endswith("_ms"):
-        return f"{delta:+.2f} ms"
-    if name == "model_bytes":
-        return f"{delta / 1e6:+.2f} MB"
-    return f"{delta:+.3f}"
+        return f"{value / 1e6:{sign}.2f} MB"
+    return f"{value:{sign}.3f}"
