@@ -93,7 +93,8 @@ class LogReader:
             message, logprobs = response, row.get("logprobs")
         messages = [m for m in request.get("messages") or [] if m.get("role") != "system"]
         if self.task == "agent":
-            return records.example(input=None, target=None, messages=messages + [_assistant(message)],
+            return records.example(input=_offered_tools(request), target=None,
+                                   messages=messages + [_assistant(message)],
                                    cohort="log", source="log", provenance=provenance)
         user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
         if not isinstance(user, str):
@@ -128,6 +129,14 @@ class LogReader:
             raise StageError("generate", f"{where}: the input is text but input.schema has no "
                              "string property to put it in", "log inputs as objects")
         return {self.field: value}
+
+
+def _offered_tools(request: dict) -> dict | None:
+    """The tools a logged request offered, by name: the trace is replayed with just these, as
+    production saw it. None (all the spec's tools) when the log does not say."""
+    names = [t.get("function", t).get("name") for t in request.get("tools") or ()
+             if isinstance(t, dict)]
+    return {"tools": sorted(n for n in names if isinstance(n, str))} if names else None
 
 
 def _assistant(message: dict) -> dict:

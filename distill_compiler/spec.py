@@ -166,7 +166,7 @@ class Lora(Section):
 
 class Student(Section):
     base: str = "minilm-l6"
-    """`minilm-l6` (offline all-MiniLM-L6-v2), `gemma-3-270m` (offline GGUF extra), a Hugging Face id or a local path."""
+    """`minilm-l6` (offline all-MiniLM-L6-v2), `gemma-3-270m` (offline GGUF extra), a Hugging Face id or a local path; for extract and agent also `scratch:<layers>x<hidden>` (e.g. `scratch:4x256`): a small Llama-style decoder trained from scratch, with a byte-level tokenizer fitted to the training split."""
     method: Literal["kd", "ce", "sft", "gkd"] = "kd"
     """kd: soft-label distillation; ce: hard labels only; sft: supervised traces; gkd: on-policy distillation."""
     teacher_model: str | None = None
@@ -205,7 +205,9 @@ class Export(Section):
     max_length: int = Field(default=128, ge=8)
     """Token limit the runtime truncates inputs to."""
     min_parity: float = Field(default=0.99, gt=0, le=1)
-    """Minimum argmax agreement between the shipped model and the trained one on validation."""
+    """Minimum agreement between the shipped model and the trained one on validation: argmax (classify), identical greedy outputs (extract, agent)."""
+    max_new_tokens: int = Field(default=256, ge=1)
+    """Extract and agent: the most tokens the runtime generates for one answer."""
 
 
 class Gates(Section):
@@ -384,6 +386,26 @@ def check_schemas(spec: Spec) -> list[Finding]:
         if tool.parameters.get("type") != "object":
             found.append((("tools", i, "parameters"), "tool parameters must be an object schema",
                           "set `type: object`"))
+    if not found:
+        found += check_enforceable(spec)
+    return found
+
+
+def check_enforceable(spec: Spec) -> list[Finding]:
+    """The runtime constrains extractions and tool arguments to their schemas, so a keyword it
+    cannot enforce is an error here rather than an output that silently breaks the schema."""
+    from .enforceable import check_schema
+
+    blocks = [(("tools", i, "parameters"), t.parameters) for i, t in enumerate(spec.tools)]
+    if spec.task == "extract" and spec.output:
+        blocks.append((("output", "schema"), spec.output.schema_))
+    found = []
+    for path, schema in blocks:
+        for problem in check_schema(schema):
+            where, _, message = problem.partition(": ")
+            sub = () if where == "<root>" else tuple(
+                int(p) if p.isdigit() else p for p in where.split("."))
+            found.append((path + sub, message, None))  # the message carries its remedy
     return found
 
 

@@ -348,3 +348,23 @@ def test_agent_traces_call_tools_with_simulated_results(fake, tmp_path):
     assert set(json.loads(call["arguments"])) == {"order_id", "date"}
     curated = context(curate, spec, tmp_path, {"generate": Artifact(ctx.out, "examples", "d", {})})
     assert curate.run(curated)["dropped"] == {}
+
+
+def test_agent_log_replay_keeps_the_tools_the_request_offered(tmp_path):
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "move_delivery", "arguments": {"order_id": "A1", "date": "friday"}}}
+    offered = {"request": {"messages": [{"role": "system", "content": "be nice"},
+                                        {"role": "user", "content": "move A1 to friday"}],
+                           "tools": [{"type": "function", "function": {"name": "move_delivery"}}]},
+               "response": {"choices": [{"message": {"role": "assistant", "tool_calls": [call]}}]}}
+    silent = {"messages": [{"role": "user", "content": "hi"}],
+              "response": {"role": "assistant", "content": "Hello!"}}
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in (offered, silent)))
+    text = AGENT.format(api_base="x").split("scenarios:")[0] + (
+        "student: {method: sft}\nteacher:\n  logs: [log.jsonl]\n")
+    ctx, _ = run_generate(parse_spec(text), tmp_path)
+    first, second = examples(ctx)
+    assert first["input"] == {"tools": ["move_delivery"]} and second["input"] is None
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+    assert json.loads(first["messages"][1]["tool_calls"][0]["function"]["arguments"]) == {
+        "order_id": "A1", "date": "friday"}

@@ -1,0 +1,83 @@
+"""Curated records as conversations for a causal-LM student (tasks extract and agent).
+
+Train, export and evaluate all read records through here, so the student is trained on, checked
+on and measured on the same prompts the bundle's runtime builds (runtime policy carries the
+same system text).
+
+- extract: system (description + output schema), user (the input's text), assistant (the
+  teacher's JSON in schema order). One prediction point per record.
+- agent: system (description + the tools offered), then the trace. Every assistant turn is
+  trained; every assistant turn is also a prediction point, with the conversation before it as
+  the prompt and its depth (assistant turns before it) for the per-depth breakdown.
+
+An agent record's `input` may name the tools its request offered (`{"tools": [names]}`, kept
+from production logs); otherwise all the spec's tools are offered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .chat_format import ChatFormat, dumps, order_like
+from .records import text_field
+
+
+@dataclass(frozen=True)
+class Point:
+    """One answer to predict: the prepared prompt messages and the teacher's answer."""
+
+    id: str
+    prompt: list[dict]
+    target: dict         # the teacher's assistant message (prepared: arguments as ordered JSON)
+    tools: list[dict]    # tools offered at this point (agent), [] for extract
+    depth: int           # assistant turns before this one
+    cohort: str
+
+
+def spec_tools(spec) -> list[dict]:
+    return [{"name": t.name, "description": t.description, "parameters": t.parameters}
+            for t in spec.tools]
+
+
+def offered_tools(record: dict, tools: list[dict]) -> list[dict]:
+    names = (record.get("input") or {}).get("tools") if isinstance(record.get("input"), dict) else None
+    return tools if not names else [t for t in tools if t["name"] in set(names)]
+
+
+def system_text(spec, chat: ChatFormat, tools: list[dict]) -> str:
+    if spec.task == "extract":
+        return (f"{spec.description.strip()}\nAnswer with JSON for this schema: "
+                f"{dumps(spec.output.schema_)}").strip()
+    return chat.system_text(spec.description, tools)
+
+
+def user_text(input: object, field: str | None) -> str:
+    """What the user turn says: the input's text field, or the whole input as JSON."""
+    if field and isinstance(input, dict) and isinstance(input.get(field), str) and len(input) == 1:
+        return input[field]
+    return input if isinstance(input, str) else dumps(input)
+
+
+def conversation(record: dict, spec, chat: ChatFormat) -> list[dict]:
+    """The record as prepared chat messages, system turn first."""
+    if spec.task == "extract":
+        answer = dumps(order_like(record["target"], spec.output.schema_))
+        messages = [{"role": "user", "content": user_text(record["input"],
+                                                          text_field(spec.input.schema_))},
+                    {"role": "assistant", "content": answer}]
+        return chat.prepare(messages, system_text(spec, chat, []))
+    tools = offered_tools(record, spec_tools(spec))
+    return chat.prepare(record["messages"], system_text(spec, chat, tools), tools)
+
+
+def points(record: dict, spec, chat: ChatFormat) -> list[Point]:
+    messages = conversation(record, spec, chat)
+    tools = [] if spec.task == "extract" else offered_tools(record, spec_tools(spec))
+    out, depth = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        out.append(Point(f"{record['id']}:{depth}", messages[:i], message, tools, depth,
+                         record.get("cohort", "")))
+        depth += 1
+    return out

@@ -1,0 +1,145 @@
+"""Builders for hermetic causal-LM tests: fixture tools, agent traces and extractions, a byte-level
+BPE tokenizer trained on them and a tiny Llama decoder. Nothing is downloaded; all deterministic.
+
+The traces are regular on purpose (a tool per request kind, arguments copied from the user's
+words), so a ~100k-parameter decoder learns them in a few hundred steps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+TOOLS = (
+    {"name": "get_order", "description": "Look up an order by id.",
+     "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
+                    "required": ["order_id"]}},
+    {"name": "cancel_order", "description": "Cancel an order.",
+     "parameters": {"type": "object",
+                    "properties": {"order_id": {"type": "string"},
+                                   "reason": {"enum": ["changed_mind", "too_late", "other"]}},
+                    "required": ["order_id", "reason"]}},
+)
+EXTRACT_SCHEMA = {"type": "object",
+                  "properties": {"order_id": {"type": "string"},
+                                 "issue": {"enum": ["late", "damaged", "other"]},
+                                 "refund": {"type": "boolean"}},
+                  "required": ["order_id", "issue", "refund"]}
+ORDER_IDS = tuple(f"A{n}" for n in range(10, 40))
+ISSUES = {"late": "has not arrived yet", "damaged": "came broken", "other": "is the wrong colour"}
+
+
+def agent_trace(i: int) -> list[dict]:
+    """Conversation i: a lookup (even i) or a cancellation (odd i), then a short reply."""
+    order = ORDER_IDS[i % len(ORDER_IDS)]
+    if i % 2 == 0:
+        user, name, args = f"where is order {order}", "get_order", {"order_id": order}
+        result, reply = {"status": "shipped"}, f"Order {order} has shipped."
+    else:
+        user, name = f"please cancel order {order}", "cancel_order"
+        args = {"order_id": order, "reason": "changed_mind"}
+        result, reply = {"cancelled": True}, f"Order {order} is cancelled."
+    call = {"id": f"call_{i}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)}}
+    return [{"role": "user", "content": user},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": json.dumps(result)},
+            {"role": "assistant", "content": reply}]
+
+
+def extraction(i: int) -> tuple[str, dict]:
+    order = ORDER_IDS[i % len(ORDER_IDS)]
+    issue = ("late", "damaged", "other")[i % 3]
+    refund = i % 2 == 0
+    text = f"my order {order} {ISSUES[issue]}" + (", I want my money back" if refund else "")
+    return text, {"order_id": order, "issue": issue, "refund": refund}
+
+
+def _id(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def agent_record(i: int) -> dict:
+    messages = agent_trace(i)
+    return {"id": _id(messages), "input": None, "target": None, "messages": messages, "soft": None,
+            "gold": None, "cohort": "log", "source": "log",
+            "provenance": {"request": None, "model": "test", "cost_usd": 0.0, "log": None}}
+
+
+def extract_record(i: int) -> dict:
+    text, target = extraction(i)
+    return {"id": _id(text), "input": {"message": text}, "target": target, "messages": None,
+            "soft": None, "gold": None, "cohort": "log", "source": "log",
+            "provenance": {"request": None, "model": "test", "cost_usd": 0.0, "log": None}}
+
+
+def write_causal_splits(root: Path, task: str, train: Iterable[int], val: Iterable[int],
+                        test: Iterable[int] = ()) -> Path:
+    """train/val/test.jsonl of agent traces or extractions, as the curate stage writes them."""
+    make = agent_record if task == "agent" else extract_record
+    root.mkdir(parents=True, exist_ok=True)
+    for name, ids in (("train", train), ("val", val), ("test", test)):
+        lines = [json.dumps(make(i), sort_keys=True) for i in ids]
+        (root / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines))
+    return root
+
+
+def fixture_chat_text() -> list[str]:
+    """Rendered fixture conversations: what the tokenizer is trained on."""
+    from distill_compiler.chat_format import ChatFormat
+
+    chat = ChatFormat()
+    system = chat.system_text("Fixture shop assistant.", TOOLS)
+    texts = [chat.render(chat.prepare(agent_trace(i), system, TOOLS)) for i in range(40)]
+    for i in range(40):
+        text, target = extraction(i)
+        texts.append(chat.render(chat.prepare(
+            [{"role": "user", "content": text},
+             {"role": "assistant", "content": json.dumps(target)}], "Extract.")))
+    return texts
+
+
+# --------------------------------------------------------------------------- tokenizer + decoder
+
+SPECIALS = ("<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>")
+
+
+def build_chat_tokenizer(texts: Sequence[str], vocab_size: int = 400):
+    """A byte-level BPE (every byte has a token, as constrained decoding needs) with the chat
+    markers as special tokens, wrapped for transformers with the distill chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from distill_compiler.chat_format import ChatFormat
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>"], model_input_names=["input_ids", "attention_mask"])
+    wrapped.chat_template = ChatFormat().jinja_template()
+    return wrapped
+
+
+def build_tiny_llama(path: Path, texts: Sequence[str] | None = None, hidden: int = 64,
+                     layers: int = 2, seed: int = 0) -> Path:
+    """Save an untrained Llama-style decoder (GQA 4/2, untied head) and its tokenizer to `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_chat_tokenizer(texts if texts is not None else fixture_chat_text())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

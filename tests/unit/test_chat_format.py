@@ -1,0 +1,92 @@
+"""The chat format: render() equals the Jinja template TRL trains with, JSON is laid out the way
+constrained decoding emits it, and parse() inverts the assistant body."""
+
+import json
+
+import pytest
+
+from distill_compiler.chat_format import (CALL_CLOSE, CALL_OPEN, ChatFormat, call_schema, order_like,
+                                          render_call)
+from distill_compiler.constrained import JsonConstraint, byte_level_vocab
+from tests.tiny_causal import TOOLS, agent_trace, build_chat_tokenizer, fixture_chat_text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_chat_tokenizer(fixture_chat_text())
+
+
+def test_render_equals_the_chat_template_trl_trains_with(tokenizer):
+    chat = ChatFormat()
+    system = chat.system_text("Fixture shop assistant.", TOOLS)
+    for i in range(4):
+        messages = chat.prepare(agent_trace(i), system, TOOLS)
+        for prompt in (False, True):
+            expected = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=prompt)
+            assert chat.render(messages, add_generation_prompt=prompt) == expected
+
+
+def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer):
+    chat = ChatFormat()
+    messages = chat.prepare(agent_trace(1), chat.system_text("Shop.", TOOLS), TOOLS)
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    learned = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    assert learned == "".join(chat.assistant_body(m) + chat.end for m in assistant)
+
+
+def test_arguments_follow_schema_order_whatever_the_log_did():
+    chat = ChatFormat()
+    call = {"function": {"name": "cancel_order",
+                         "arguments": json.dumps({"reason": "other", "order_id": "A1"})}}
+    [message] = chat.prepare([{"role": "assistant", "content": None, "tool_calls": [call]}],
+                             None, TOOLS)
+    assert message["tool_calls"][0]["function"]["arguments"] == \
+        '{"order_id": "A1", "reason": "other"}'
+    nested = {"type": "object", "properties": {"b": {"type": "object", "properties": {
+        "y": {"type": "string"}, "x": {"type": "string"}}}, "a": {"type": "string"}}}
+    assert list(order_like({"a": "1", "b": {"x": "2", "y": "3"}, "z": 0}, nested)) == ["b", "a", "z"]
+    assert list(order_like({"b": {"x": "2", "y": "3"}}, nested)["b"]) == ["y", "x"]
+
+
+def test_constrained_decoding_can_emit_every_rendered_call(tokenizer):
+    """A rendered call's JSON, fed token by token, is accepted by the call-schema constraint:
+    the runtime can reproduce what the student was trained on."""
+    vocab = byte_level_vocab(tokenizer.get_vocab(), tokenizer.all_special_tokens, len(tokenizer))
+    constraint = JsonConstraint(call_schema(TOOLS), vocab, tokenizer.eos_token_id)
+    for name, args in (("get_order", {"order_id": "A12"}),
+                       ("cancel_order", {"order_id": "A13", "reason": "too_late"})):
+        body = render_call(name, order_like(args, next(t for t in TOOLS if t["name"] == name)["parameters"]))
+        body = body[len(CALL_OPEN):-len(CALL_CLOSE)]
+        state = constraint.start()
+        for token in tokenizer.encode(body, add_special_tokens=False):
+            assert constraint.allowed(state)[token]
+            state = constraint.advance(state, token)
+        assert state.complete
+
+
+def test_parse_inverts_the_assistant_body():
+    chat = ChatFormat()
+    message = {"role": "assistant", "content": "Let me check.", "tool_calls": [
+        {"type": "function", "function": {"name": "get_order", "arguments": '{"order_id": "A1"}'}}]}
+    parsed = chat.parse(chat.assistant_body(message) + chat.end + "trailing")
+    assert parsed == message
+    assert chat.parse("just text<|im_end|>") == {"role": "assistant", "content": "just text"}
+    broken = f'{CALL_OPEN}{{"name": "get_order", "arguments": }}{CALL_CLOSE}'
+    assert chat.parse(broken) == {"role": "assistant", "content": broken}
+
+
+def test_markers_come_from_the_vocabulary_when_it_has_a_pair():
+    assert ChatFormat.for_vocabulary(["<start_of_turn>", "<end_of_turn>", "a"]) == \
+        ChatFormat("<start_of_turn>", "<end_of_turn>")
+    assert ChatFormat.for_vocabulary(["<start_of_turn>", "a"]) == ChatFormat()
+    assert ChatFormat.from_dict(ChatFormat("<s>", "</s>").to_dict()) == ChatFormat("<s>", "</s>")
+
+
+def test_call_schema_is_one_branch_per_tool():
+    schema = call_schema(TOOLS)
+    assert [b["properties"]["name"]["const"] for b in schema["anyOf"]] == ["get_order", "cancel_order"]
+    assert call_schema(TOOLS[:1])["properties"]["arguments"] == TOOLS[0]["parameters"]
