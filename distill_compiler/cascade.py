@@ -19,7 +19,9 @@ import numpy as np
 
 # Above every possible confidence: the student answers nothing the threshold decides.
 ESCALATE_ALL = math.nextafter(1.0, 2.0)
-FORCED_RULES = ("trigger", "always")  # runtime.Decision.rule values that escalate regardless
+# Decision rules that escalate whatever the confidence: runtime's trigger and always-escalate,
+# structured_runtime's output cut short by max_new_tokens.
+FORCED_RULES = ("trigger", "always", "truncated")
 CURVE_STEPS = 50
 
 

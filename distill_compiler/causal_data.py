@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .chat_format import ChatFormat, dumps, order_like
+from .chat_format import ChatFormat, dumps, order_like, type_signature, user_text
 from .records import text_field
 
 
@@ -27,6 +27,7 @@ class Point:
     """One answer to predict: the prepared prompt messages and the teacher's answer."""
 
     id: str
+    input: object        # the request the runtime receives for this answer
     prompt: list[dict]
     target: dict         # the teacher's assistant message (prepared: arguments as ordered JSON)
     tools: list[dict]    # tools offered at this point (agent), [] for extract
@@ -46,16 +47,11 @@ def offered_tools(record: dict, tools: list[dict]) -> list[dict]:
 
 def system_text(spec, chat: ChatFormat, tools: list[dict]) -> str:
     if spec.task == "extract":
-        return (f"{spec.description.strip()}\nAnswer with JSON for this schema: "
-                f"{dumps(spec.output.schema_)}").strip()
+        # The type, not the JSON Schema: a third of the tokens in every prompt, and the runtime
+        # enforces the full schema anyway.
+        return (f"{spec.description.strip()}\nAnswer with JSON of type "
+                f"{type_signature(spec.output.schema_)}").strip()
     return chat.system_text(spec.description, tools)
-
-
-def user_text(input: object, field: str | None) -> str:
-    """What the user turn says: the input's text field, or the whole input as JSON."""
-    if field and isinstance(input, dict) and isinstance(input.get(field), str) and len(input) == 1:
-        return input[field]
-    return input if isinstance(input, str) else dumps(input)
 
 
 def conversation(record: dict, spec, chat: ChatFormat) -> list[dict]:
@@ -70,6 +66,14 @@ def conversation(record: dict, spec, chat: ChatFormat) -> list[dict]:
     return chat.prepare(record["messages"], system_text(spec, chat, tools), tools)
 
 
+def runtime_input(record: dict, prompt: list[dict], tools: list[dict]) -> object:
+    """The request a service would send the bundle at this point (structured_runtime's input)."""
+    if record.get("messages") is None:
+        return record["input"]
+    return {"messages": [m for m in prompt if m["role"] != "system"],
+            "tools": [t["name"] for t in tools]}
+
+
 def points(record: dict, spec, chat: ChatFormat) -> list[Point]:
     messages = conversation(record, spec, chat)
     tools = [] if spec.task == "extract" else offered_tools(record, spec_tools(spec))
@@ -77,7 +81,7 @@ def points(record: dict, spec, chat: ChatFormat) -> list[Point]:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        out.append(Point(f"{record['id']}:{depth}", messages[:i], message, tools, depth,
-                         record.get("cohort", "")))
+        out.append(Point(f"{record['id']}:{depth}", runtime_input(record, messages[:i], tools),
+                         messages[:i], message, tools, depth, record.get("cohort", "")))
         depth += 1
     return out

@@ -43,10 +43,14 @@ class RichReporter(pipeline.Reporter):
         if not self.bars.live.is_started:
             self.bars.start()
         task = self.bars.add_task(description, total=total)
+        done = 0
 
         def advance(n: int = 1) -> None:
+            nonlocal done
+            done += n
             self.bars.advance(task, n)
-            if total is not None and self.bars.tasks[task].completed >= total:
+            # Counted here: rich's task list is not indexed by task id once one was removed.
+            if total is not None and done >= total:
                 self.bars.remove_task(task)
                 if not self.bars.tasks:
                     self.bars.stop()

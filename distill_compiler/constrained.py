@@ -511,6 +511,31 @@ def byte_level_vocab(token_to_id: dict[str, int], special_tokens: Iterable[str] 
     return out
 
 
+_BYTE_FALLBACK = "<0x{:02X}>"  # SentencePiece's token for a raw byte
+
+
+def sentencepiece_vocab(token_to_id: dict[str, int], special_tokens: Iterable[str] = (),
+                        size: int | None = None) -> list[bytes | None]:
+    """Token bytes, by id, for a SentencePiece vocabulary with byte fallback (Gemma, Llama 2):
+    `▁` stands for a space and `<0xNN>` for a raw byte. Special tokens map to None."""
+    raw = {_BYTE_FALLBACK.format(b): bytes([b]) for b in range(256)}
+    special = set(special_tokens)
+    out: list[bytes | None] = [None] * (size or max(token_to_id.values()) + 1)
+    for token, i in token_to_id.items():
+        if token not in special and i < len(out):
+            out[i] = raw.get(token) or token.replace("\u2581", " ").encode()
+    return out
+
+
+def token_bytes(token_to_id: dict[str, int], special_tokens: Iterable[str] = (),
+                size: int | None = None) -> list[bytes | None]:
+    """Token bytes for either kind of byte-complete vocabulary: SentencePiece with byte
+    fallback when it has the `<0xNN>` tokens, else GPT-2-style byte-level BPE."""
+    if _BYTE_FALLBACK.format(ord("{")) in token_to_id:
+        return sentencepiece_vocab(token_to_id, special_tokens, size)
+    return byte_level_vocab(token_to_id, special_tokens, size)
+
+
 # --------------------------------------------------------------------------- the constraint
 
 @dataclass(frozen=True)

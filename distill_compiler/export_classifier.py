@@ -20,6 +20,7 @@ import torch
 
 from .errors import StageError
 from .library_noise import quiet_export, quiet_training_libraries
+from .quantize import quantize
 from .records import read_jsonl
 from .runtime import OnnxClassifier, input_text
 from .students import PooledClassifier
@@ -30,7 +31,6 @@ ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Texts of different lengths, so the traced sample has batch 2 and seq > 1 and neither axis
 # is specialised to a constant (torch.export specialises dims of size 0 and 1).
 TRACE_TEXTS = ("hello there", "a somewhat longer sentence to trace the sequence axis with")
-INT4_BLOCK = 32
 
 
 def input_names(tokenizer) -> list[str]:
@@ -49,53 +49,6 @@ def export_fp32(model, tokenizer, path: Path) -> None:
         input_names=names, output_names=["logits"],
         dynamic_shapes={n: {0: batch, 1: seq} for n in names})
     program.save(str(path), external_data=False)
-
-
-def quantize(fp32: Path, out: Path, kind: str) -> None:
-    """Weight-quantize `fp32` into `out`: int8 dynamic (per channel) or int4 MatMulNBits, the
-    classifier head left in fp32 either way.
-
-    The head is a few thousand weights, but int8 would also round its input, the pooled
-    sentence vector, to 256 levels per batch, right where a rounding error becomes a different
-    answer. Measured on harbor-support (716 texts) it matters little, since the encoder's
-    rounding dominates: mean logit error 0.335 -> 0.332, argmax parity 100% either way, +7 KB.
-    """
-    head = head_nodes(fp32)
-    if kind == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # Per-channel scales track each output neuron's range; on MiniLM they kept argmax
-        # parity at least as well as per-tensor at the same size.
-        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_exclude=head)
-    elif kind == "int4":
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        q = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=INT4_BLOCK, is_symmetric=True,
-                                 accuracy_level=4, op_types_to_quantize=("MatMul", "Gather"),
-                                 nodes_to_exclude=head)
-        q.process()
-        q.model.save_model_to_file(str(out), use_external_data_format=False)
-    else:
-        raise ValueError(f"unknown quantization {kind!r}")
-
-
-def head_nodes(path: Path) -> list[str]:
-    """`nodes_to_exclude` for the MatMul/Gemm that computes `logits` (found by walking back from
-    the graph's output through bias adds and the like)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    producer = {out: node for node in graph.node for out in node.output}
-    node = producer.get(graph.output[0].name)
-    while node is not None and node.op_type not in ("MatMul", "Gemm"):
-        node = producer.get(node.input[0]) if node.input else None
-    if node is None:
-        return []
-    # quantize_dynamic first rewrites a Gemm with bias into MatMul + Add, naming the MatMul
-    # `<gemm>_MatMul`, and applies the exclusion list to that rewritten graph.
-    return [node.name, f"{node.name}_MatMul"] if node.op_type == "Gemm" else [node.name]
 
 
 def write_tokenizer(src: Path, dst: Path, max_length: int) -> None:
@@ -167,7 +120,9 @@ def export_classifier(train_dir: Path, splits_dir: Path, out: Path, export, text
         export_fp32(model, tokenizer, fp32)
         if export.quantize != "none":
             reporter.log(f"export: quantizing weights to {export.quantize}")
-            quantize(fp32, shipped, export.quantize)
+            # Full-range int8 weights, as banking77 was measured with (benchmarks/RESULTS.md);
+            # the decoder export uses reduce_range (see quantize.py).
+            quantize(fp32, shipped, export.quantize, reduce_range=False)
     write_tokenizer(train_dir / "model" / "tokenizer.json", out / "tokenizer.json", export.max_length)
     shutil.copyfile(train_dir / "labels.json", out / "labels.json")
 

@@ -8,10 +8,11 @@ happens. `distill --debug` leaves everything as is.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import warnings
-from contextlib import contextmanager
 
 
 def quiet_enabled() -> bool:
@@ -28,22 +29,25 @@ def quiet_training_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-@contextmanager
+@contextlib.contextmanager
 def quiet_export():
     """Around ONNX export and quantization: drop exporter warnings and the quantizer's tip."""
     if not quiet_enabled():
         yield
         return
-    root, torch_log = logging.getLogger(), logging.getLogger("torch.onnx")
-    levels = root.level, torch_log.level
-    root.setLevel(logging.ERROR)
-    torch_log.setLevel(logging.ERROR)
+    # torch.export logs each dynamic dimension it specialises; the exporter prints its passes
+    # ("[torch.onnx] Run decompositions...") to stdout.
+    loggers = [logging.getLogger(name) for name in ("", "torch.onnx", "torch._export",
+                                                    "torch.export")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        root.setLevel(levels[0])
-        torch_log.setLevel(levels[1])
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)

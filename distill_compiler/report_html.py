@@ -17,14 +17,41 @@ from .model_card import megabytes, num, pct
 
 LATENCY_BINS = 30
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+# What reaches the teacher whatever the threshold, so the coverage curve leaves it out.
+CLASSIFY_FORCED = "triggered and always-escalated requests"
+STRUCTURED_FORCED = "triggered requests and answers cut short at max_new_tokens"
 BLUE, RED, GREEN, GREY = (37, 99, 235), (220, 38, 38), (22, 163, 74), (148, 163, 184)
 
 
 def render(report: dict, name: str, description: str = "") -> str:
-    """The whole page; `report` is the bundle's report.json."""
+    """The whole page; `report` is the bundle's report.json, for any task."""
+    metrics = report["metrics"]
+    task = task_of(metrics)
+    sections = (classify_sections(report) if task == "classify"
+                else structured_sections(report, task))
+    return PAGE.format(title=esc(name), description=esc(description),
+                       subtitle=esc(subtitle(task, metrics)), css=CSS, body="\n".join(sections))
+
+
+def task_of(metrics: dict) -> str:
+    """Which task evaluate measured, from the shape of its metrics.json: an agent report scores
+    per tool, an extract report per field, a classifier per label."""
+    test = metrics["test"]
+    return "agent" if "per_tool" in test else "extract" if "fields" in test else "classify"
+
+
+def subtitle(task: str, metrics: dict) -> str:
+    if task == "classify":
+        return (f"{len(metrics['labels'])} labels · {metrics['test']['n']} test and "
+                f"{metrics['n']['val']} validation examples")
+    unit = "answers" if task == "extract" else "assistant turns"
+    return (f"{task} · {metrics['test']['n']} test and {metrics['n']['val']} validation {unit}")
+
+
+def classify_sections(report: dict) -> list[str]:
     metrics = report["metrics"]
     test, cascade = metrics["test"], metrics["cascade"]
-    sections = [
+    return [
         section("metrics", "Headline metrics", metrics_table(report) + gates_list(report["gates"])),
         row(section("confusion", "Confusion on test (teacher × student)",
                     confusion_chart(test.get("confusion"))),
@@ -38,10 +65,34 @@ def render(report: dict, name: str, description: str = "") -> str:
         section("cost", "Teacher traffic and cost", cost_section(report["generate"],
                                                                  cascade["test"])),
     ]
-    subtitle = (f"{len(metrics['labels'])} labels · {test['n']} test and "
-                f"{metrics['n']['val']} validation examples")
-    return PAGE.format(title=esc(name), description=esc(description), subtitle=esc(subtitle),
-                       css=CSS, body="\n".join(sections))
+
+
+def structured_sections(report: dict, task: str) -> list[str]:
+    """Extract and agent: no labels, calibration or per-request latency; per field or per tool,
+    schema validity with and without the constraint, and decoding speed instead."""
+    metrics = report["metrics"]
+    test, cascade = metrics["test"], metrics["cascade"]
+    breakdown = (section("tools", "Per tool on test", tool_breakdown(test.get("per_tool", {})))
+                 if task == "agent" else
+                 section("fields", "Per field on test", field_chart(test.get("fields") or {})))
+    sections = [
+        section("metrics", "Headline metrics",
+                structured_metrics_table(report, task) + gates_list(report["gates"])),
+        row(breakdown, section("schema", "Schema validity with and without the constraint",
+                               schema_chart(task, test, metrics.get("unconstrained", {})))),
+    ]
+    if task == "agent":
+        sections.append(section("depth", "Per depth on test",
+                                depth_table(test.get("per_depth", {}))))
+    return sections + [
+        row(section("cascade", "Coverage and accuracy on validation",
+                    coverage_chart(cascade, STRUCTURED_FORCED)),
+            section("speed", "Decoding speed at batch 1", speed_section(metrics.get("speed", {})))),
+        row(section("routes", "Routes on test", routes_chart(cascade["test"])),
+            section("data", "Data funnel", funnel_chart(report["generate"], report["curate"]))),
+        section("cost", "Teacher traffic and cost", cost_section(report["generate"],
+                                                                 cascade["test"])),
+    ]
 
 
 # --- page structure ---------------------------------------------------------------------------
@@ -262,10 +313,18 @@ def metrics_table(report: dict) -> str:
          f"batch 1, tokenizer + model on CPU, {latency['runs']} runs"),
         ("Model size", megabytes(size) if size else "n/a",
          f"model.onnx, quantization {report['parity'].get('quantize', 'n/a')}"),
-        ("Teacher requests",
-         f"{generate.get('requests', 0)} paid, {generate.get('cached', 0)} cached",
-         f"data cost ${generate.get('cost_usd', 0.0):.2f}"),
+        teacher_requests_row(generate),
     ]
+    return headline_table(rows)
+
+
+def teacher_requests_row(generate: dict) -> tuple[str, str, str]:
+    return ("Teacher requests",
+            f"{generate.get('requests', 0)} paid, {generate.get('cached', 0)} cached",
+            f"data cost ${generate.get('cost_usd', 0.0):.2f}")
+
+
+def headline_table(rows: list[tuple[str, str, str]]) -> str:
     return html_table(["metric", "value", "what it measures"],
                       [[esc(a), esc(b), esc(c)] for a, b, c in rows], numeric={1})
 
@@ -362,7 +421,7 @@ def reliability_chart(chart: str, bins: list[dict], title: str) -> str:
     return svg(chart, frame.width, frame.height, title, body)
 
 
-def coverage_chart(cascade: dict) -> str:
+def coverage_chart(cascade: dict, forced: str = CLASSIFY_FORCED) -> str:
     """Accepted accuracy against coverage as the threshold moves, the fitted point marked."""
     points = [(p["coverage"], p["accuracy"]) for p in cascade["val_curve"]
               if p["coverage"] is not None and p["accuracy"] is not None]
@@ -387,8 +446,8 @@ def coverage_chart(cascade: dict) -> str:
         body.append(circle(frame.left + 6, 12, 5, class_="marker"))
         body.append(text(frame.left + 16, 16, label, class_="title"))
     chart = svg("coverage", frame.width, frame.height, "coverage–accuracy curve", body)
-    return chart + note(cascade["explanation"] + ". The curve ignores triggered and "
-                        "always-escalated requests, which go to the teacher at any threshold.")
+    return chart + note(f"{cascade['explanation']}. The curve ignores {forced}, which go to "
+                        "the teacher at any threshold.")
 
 
 def latency_chart(latency: dict) -> str:
@@ -436,11 +495,13 @@ def nice_ticks(top: int, most: int = 5) -> list[int]:
 
 
 def hbar_chart(chart: str, rows: list[tuple[str, list[tuple[float, float, tuple, str]]]],
-               scale: float, value_format, label_width: int = 170) -> str:
-    """Horizontal bars: each row is (label, [(start, end, colour, tip), ...]) in data units."""
+               scale: float, value_format, label_width: int = 170,
+               value_width: int = 64) -> str:
+    """Horizontal bars: each row is (label, [(start, end, colour, tip), ...]) in data units,
+    with value_format(bars) written in the `value_width` pixels right of the longest bar."""
     width, row_height = 540, 26
     frame = Frame(width, 24 + row_height * len(rows), x_range=(0, scale or 1), left=label_width,
-                  right=64, top=8, bottom=16)
+                  right=value_width, top=8, bottom=16)
     body = []
     for i, (label, bars) in enumerate(rows):
         y = frame.top + i * row_height
@@ -505,7 +566,12 @@ def mapping(counts: dict | None) -> str:
 
 
 def cost_section(generate: dict, routed: dict) -> str:
-    cost = routed["cost"]
+    """Classify's evaluate prices the cascade (routed["cost"]); extract and agent count the
+    teacher calls only, which follow from the escalation rate."""
+    priced = "cost" in routed
+    rate = routed.get("escalation_rate")
+    cost = routed["cost"] if priced else {
+        "teacher_calls_per_1k": None if rate is None else 1000 * rate, "teacher_cost_known": False}
     calls = cost["teacher_calls_per_1k"]
     known = cost["teacher_cost_known"]
     rows = [
@@ -526,6 +592,182 @@ def cost_section(generate: dict, routed: dict) -> str:
         ("teacher alone", [(0.0, 1000.0, GREY, "every request goes to the teacher")]),
         ("cascade", [(0.0, calls, BLUE, "escalated requests only")]),
     ], 1000.0, lambda bars: f"{bars[0][1]:.0f} calls", label_width=110)
-    why = "" if known else " Cost is unknown because the teacher's traffic was replayed from logs."
+    why = ("" if known else
+           " Cost is unknown because the teacher's traffic was replayed from logs." if priced else
+           " Evaluate does not price escalated answers for this task, only counts them.")
     return f'<div class="row"><div>{table}</div><div>{chart}</div></div>' + note(
         "Teacher calls per 1,000 service requests, on the test split's routes." + why)
+
+
+
+# --- extract and agent ------------------------------------------------------------------------
+
+def structured_metrics_table(report: dict, task: str) -> str:
+    metrics = report["metrics"]
+    test, cascade, parity = metrics["test"], metrics["cascade"], report["parity"]
+    routed = cascade["test"]
+    speed = (metrics.get("speed") or {}).get("constrained") or {}
+    free = (metrics.get("unconstrained") or {}).get("schema_validity")
+    size = parity.get("sizes", {}).get("model.onnx")
+    if task == "extract":
+        fields = test.get("fields") or {}
+        gold = (f"{pct(test.get('accuracy'))} ({test['gold_n']} with gold)" if test.get("gold_n")
+                else "n/a (no gold objects)")
+        rows = [
+            ("Agreement with the teacher", pct(test["agreement"]),
+             f"the whole object equals the teacher's on {test['n']} test answers"),
+            ("Field F1", num(fields.get("f1")),
+             f"micro over leaf values; precision {num(fields.get('precision'))}, recall "
+             f"{num(fields.get('recall'))}"),
+            ("Accuracy against gold", gold, "only benchmark data carries gold objects"),
+        ]
+        validity = "answers that validate against the output schema"
+    else:
+        arguments = test.get("arguments") or {}
+        rows = [
+            ("Agreement with the teacher", pct(test["agreement"]),
+             f"the same tool calls, or a text reply where the teacher replied in text, on "
+             f"{test['n']} test turns"),
+            ("Tool-name accuracy", pct(test.get("tool_name_accuracy")),
+             f"the same tools in the same order, on the {test.get('call_turns', 0)} turns where "
+             "the teacher called"),
+            ("Call exact match", pct(test.get("call_exact_match")),
+             "the same calls with canonically equal arguments, on those turns"),
+            ("Argument F1", num(arguments.get("f1")),
+             f"micro over (tool, argument, value) triples; precision "
+             f"{num(arguments.get('precision'))}, recall {num(arguments.get('recall'))}"),
+            ("Call decision accuracy", pct(test.get("call_decision_accuracy")),
+             f"a tool call exactly when the teacher made one; {test.get('missed_calls', 0)} "
+             f"missed, {test.get('spurious_calls', 0)} spurious"),
+        ]
+        validity = "tool calls whose arguments validate against the tool's schema"
+    rows += [
+        ("Schema validity constrained / unconstrained", f"{pct(test['schema_validity'])} / "
+                                                        f"{pct(free)}",
+         f"{validity}: what ships / plain greedy decoding of the same model"),
+        ("Escalation rate", pct(routed.get("escalation_rate")),
+         "share of test requests sent to the teacher (triggers, truncated answers, low "
+         "confidence)"),
+        ("Accepted accuracy", pct(routed.get("accepted_accuracy")),
+         f"agreement of the answers the student keeps; threshold {num(cascade['threshold'])}"),
+        ("End-to-end accuracy", pct(routed.get("end_to_end_accuracy")),
+         "with the teacher answering escalations"),
+        ("Decoding speed", f"{num(speed.get('tokens_per_second'), 0)} tokens/s",
+         f"constrained, batch 1 on CPU; answer p50 / p99 {num(speed.get('answer_p50_ms'), 1)} / "
+         f"{num(speed.get('answer_p99_ms'), 1)} ms"),
+        ("Model size", megabytes(size) if size else "n/a",
+         f"model.onnx, quantization {parity.get('quantize', 'n/a')}; greedy outputs equal the "
+         f"trained model's on {pct(parity.get('shipped_agreement'))} of "
+         f"{parity.get('n', 'n/a')} validation prompts"),
+        teacher_requests_row(report["generate"]),
+    ]
+    return headline_table(rows)
+
+
+def field_chart(fields: dict) -> str:
+    per_field = fields.get("per_field") or {}
+    if not per_field:
+        return note("No test answers, so no field was scored.")
+    rows = [(f"{path} (n={v['support']})",
+             [(0.0, v["f1"] or 0.0, BLUE,
+               f"{path}: precision {num(v['precision'])}, recall {num(v['recall'])}, F1 "
+               f"{num(v['f1'])} on {v['support']} teacher values")])
+            for path, v in per_field.items()]
+    chart = hbar_chart("fields", rows, 1.0, lambda bars: num(bars[0][1], 2))
+    return chart + note(
+        f"F1 per leaf field against the teacher's objects (micro over all fields "
+        f"{num(fields.get('f1'))}); a.b is a nested field, a[] an array element taken whole; n "
+        "counts the teacher's values. Hover a bar for precision and recall.")
+
+
+def tool_breakdown(per_tool: dict) -> str:
+    if not per_tool:
+        return note("The teacher called no tool on test, so no tool was scored.")
+    rows = [(f"{name} (n={v['call_turns']})",
+             [(0.0, v["tool_name_accuracy"] or 0.0, GREY,
+               f"{name}: tool-name accuracy {pct(v['tool_name_accuracy'])}"),
+              (0.0, v["call_exact_match"] or 0.0, BLUE,
+               f"{name}: call exact match {pct(v['call_exact_match'])}")])
+            for name, v in per_tool.items()]
+    chart = hbar_chart("tools", rows, 1.0,
+                       lambda bars: " / ".join(percent(e) for _, e, _, _ in bars),
+                       value_width=84)
+    details = html_table(
+        ["tool", "turns", "tool name", "exact match", "argument F1", "valid calls"],
+        [[esc(name), esc(v["call_turns"]), esc(pct(v["tool_name_accuracy"])),
+          esc(pct(v["call_exact_match"])), esc(num(v["arguments"]["f1"], 2)),
+          esc(pct(v["schema_validity"]))] for name, v in per_tool.items()],
+        numeric={1, 2, 3, 4, 5})
+    return chart + details + note(
+        "Grey: tool-name accuracy; blue: call exact match, over the test turns where the teacher "
+        "called the tool (n; a turn calling two tools counts under both). Valid calls: the "
+        "student's calls on those turns whose arguments validate against the called tool's "
+        "schema.")
+
+
+def schema_chart(task: str, test: dict, unconstrained: dict) -> str:
+    measured = [(label, value, color) for label, value, color in
+                (("constrained", test.get("schema_validity"), GREEN),
+                 ("unconstrained", unconstrained.get("schema_validity"), RED))
+                if value is not None]
+    if task == "extract":
+        what = (f"Share of the {test['n']} test answers that parse and validate against the "
+                f"output schema; parsed as JSON with the constraint: {pct(test.get('parsed'))}.")
+    else:
+        what = (f"Share of the student's tool calls whose arguments validate against the called "
+                f"tool's schema ({test.get('student_calls', 0)} calls with the constraint).")
+    if not measured:
+        return note(what + " Nothing was measured.")
+    chart = hbar_chart("schema", [(label, [(0.0, value, color, f"{label}: {pct(value)}")])
+                                  for label, value, color in measured],
+                       1.0, lambda bars: pct(bars[0][1]), label_width=110)
+    return chart + note(what + " Constrained is what ships; unconstrained is plain greedy "
+                        "decoding of the same model, which shows what the constraint buys.")
+
+
+def depth_table(per_depth: dict) -> str:
+    if not per_depth:
+        return note("No test turns.")
+    rows = [[esc(depth), esc(v["n"]), esc(pct(v["agreement"])),
+             esc(pct(v["call_decision_accuracy"])), esc(pct(v["tool_name_accuracy"])),
+             esc(pct(v["call_exact_match"])), esc(num(v["arguments"]["f1"], 2)),
+             esc(num(v["text_token_f1"], 2))] for depth, v in per_depth.items()]
+    return html_table(["depth", "turns", "agreement", "call decision", "tool name",
+                       "exact match", "argument F1", "text token F1"], rows,
+                      numeric=set(range(1, 8))) + note(
+        "Depth: assistant turns earlier in the conversation. Tool name and exact match are over "
+        "the turns where the teacher called a tool; text token F1 over its text replies.")
+
+
+def speed_section(speed: dict) -> str:
+    modes = [(label, speed.get(key) or {}) for label, key in
+             (("constrained (ships)", "constrained"), ("unconstrained", "unconstrained"))]
+    table = html_table(
+        ["decoding", "tokens/s", "answer p50", "answer p99", "mean tokens"],
+        [[esc(label), esc(num(v.get("tokens_per_second"), 0)),
+          esc(f"{num(v.get('answer_p50_ms'), 1)} ms"), esc(f"{num(v.get('answer_p99_ms'), 1)} ms"),
+          esc(num(v.get("mean_tokens"), 1))] for label, v in modes],
+        numeric={1, 2, 3, 4})
+    measured = [(label, v["tokens_per_second"]) for label, v in modes
+                if v.get("tokens_per_second") is not None]
+    chart = hbar_chart("speed", [(label, [(0.0, tps, BLUE, f"{label}: {tps:.0f} tokens/s")])
+                                 for label, tps in measured],
+                       max((tps for _, tps in measured), default=1.0),
+                       lambda bars: f"{bars[0][1]:.0f} tok/s", label_width=140) if measured else ""
+    return table + chart + note(
+        "Greedy decoding with the KV cache at batch 1, onnxruntime on the build machine's CPU, "
+        "over the test answers; an answer's latency runs from its prompt to its last token.")
+
+
+def routes_chart(routed: dict) -> str:
+    routes, rules = routed.get("routes") or {}, routed.get("escalations_by_rule") or {}
+    if not routes:
+        return note("No test requests.")
+    colors = {"student": BLUE, "teacher": GREY, "refusal": GREEN}
+    rows = [(route, [(0.0, n, colors.get(route, GREY), f"{route}: {n}")])
+            for route, n in routes.items()]
+    rows += [(f"escalated: {rule}", [(0.0, n, RED, f"{rule}: {n}")]) for rule, n in rules.items()]
+    chart = hbar_chart("routes", rows, max(n for _, bars in rows for _, n, _, _ in bars),
+                       lambda bars: f"{bars[0][1]:.0f}")
+    return chart + note(f"Test requests by route at the fitted threshold; escalations by the "
+                        f"rule that sent them ({pct(routed.get('escalation_rate'))} escalated).")

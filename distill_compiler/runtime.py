@@ -1,8 +1,9 @@
 """The edge runtime: load a compiled bundle and answer requests with the student, or route them on.
 
-A leaf module. It imports onnxruntime, tokenizers, numpy, jsonschema and the standard library,
-and nothing from the rest of distill_compiler, so a service can ship it with the bundle alone
-(`pip install distill-compiler[runtime]`). The compiler imports from it instead: evaluate runs
+A leaf module. It imports onnxruntime, tokenizers, numpy, jsonschema and the standard library;
+for extract and agent bundles also structured_runtime, generation, chat_format and constrained,
+leaves like it. Nothing else from distill_compiler, so a service can ship it with the bundle
+alone (`pip install distill-compiler[runtime]`). The compiler imports from it instead: evaluate runs
 the shipped model through `OnnxClassifier` and routes through `Policy`, so the thresholds it
 fits are the ones this file applies.
 
@@ -298,15 +299,20 @@ class Bundle:
         return results
 
 
-def load_bundle(path: str | Path, threads: int | None = None,
-                providers: list[str] | None = None) -> Bundle:
-    """Verify a bundle's checksums and load it. `threads` sets onnxruntime's intra-op threads."""
+def load_bundle(path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    """Verify a bundle's checksums and load it: a classifier Bundle, or for extract and agent a
+    structured_runtime.StructuredBundle. `threads` sets onnxruntime's intra-op threads."""
     root = Path(path)
     manifest = verify_manifest(root)
     try:
-        policy = Policy(json.loads((root / POLICY_FILE).read_text(encoding="utf-8")))
+        data = json.loads((root / POLICY_FILE).read_text(encoding="utf-8"))
     except ValueError as exc:
         raise BundleError(f"{POLICY_FILE}: not valid JSON ({exc})") from None
+    if isinstance(data, dict) and data.get("task") in ("extract", "agent"):
+        from .structured_runtime import load_structured
+
+        return load_structured(root, data, manifest, threads)  # CPU: decoders run batch 1
+    policy = Policy(data)
     try:
         classifier = OnnxClassifier(root / MODEL_FILE, root / TOKENIZER_FILE, policy.max_length,
                                     threads, providers)

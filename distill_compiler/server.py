@@ -60,7 +60,7 @@ from starlette.routing import Route
 
 from .errors import UsageError
 from .escalation_log import EscalationLog, classify_row
-from .runtime import Bundle, InputError, load_bundle
+from .runtime import Bundle, BundleError, InputError, load_bundle
 from .teacher import label_of
 
 CHAT_PATH = "/v1/chat/completions"
@@ -465,6 +465,10 @@ def build_service(bundle_path: str | Path, *, threads: int | None = None,
     answered in parallel (default: one per core), each model call on one core."""
     workers = threads or os.cpu_count() or 1
     bundle = load_bundle(bundle_path, threads=1)
+    if not isinstance(bundle, Bundle):
+        raise BundleError(f"{bundle_path}: distill serve answers classify bundles; this one is "
+                          f"{bundle.policy.task} (use structured_runtime.load_bundle in your "
+                          "service, or `distill run`)")
     teacher = TeacherClient(bundle.policy.data.get("teacher"), limits.teacher_timeout_s,
                             os.environ if env is None else env)
     log = EscalationLog(escalation_log) if escalation_log else None

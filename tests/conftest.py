@@ -99,3 +99,36 @@ def exported_classifier(tmp_path_factory, trained_classifier, classify_splits) -
     export.run(stage_context("export", out,
                              {"train": trained_classifier, "curate": classify_splits}, spec))
     return out
+
+
+@pytest.fixture(scope="session")
+def causal_splits(tmp_path_factory) -> Path:
+    """Curate-style agent splits: 48 train traces, 12 val (24 prompts), 6 test."""
+    from tiny_causal import write_causal_splits
+
+    return write_causal_splits(tmp_path_factory.mktemp("causal-splits"), "agent", range(48),
+                               range(48, 60), range(60, 66))
+
+
+@pytest.fixture(scope="session")
+def trained_causal(tmp_path_factory) -> Path:
+    """A train-stage artifact (model/ + chat.json): the tiny Llama fitted to agent traces and
+    extractions 0..47."""
+    from tiny_causal import train_tiny_causal
+
+    return train_tiny_causal(tmp_path_factory.mktemp("causal-train"), range(48))
+
+
+@pytest.fixture(scope="session")
+def exported_causal(tmp_path_factory, trained_causal, causal_splits) -> Path:
+    """The export stage's artifact directory (int8) for `trained_causal` on the agent splits."""
+    from tiny_causal import causal_spec
+
+    from distill_compiler.stages import export
+
+    out = tmp_path_factory.mktemp("causal-export") / "artifact"
+    spec = causal_spec("agent", export={"quantize": "int8", "min_parity": 0.8,
+                                        "max_new_tokens": 48})
+    export.run(stage_context("export", out, {"train": trained_causal, "curate": causal_splits},
+                             spec))
+    return out

@@ -33,7 +33,7 @@ ISSUES = {"late": "has not arrived yet", "damaged": "came broken", "other": "is 
 def agent_trace(i: int) -> list[dict]:
     """Conversation i: a lookup (even i) or a cancellation (odd i), then a short reply."""
     order = ORDER_IDS[i % len(ORDER_IDS)]
-    if i % 2 == 0:
+    if (i + i // len(ORDER_IDS)) % 2 == 0:  # past the first 30, every order gets both kinds
         user, name, args = f"where is order {order}", "get_order", {"order_id": order}
         result, reply = {"status": "shipped"}, f"Order {order} has shipped."
     else:
@@ -49,9 +49,11 @@ def agent_trace(i: int) -> list[dict]:
 
 
 def extraction(i: int) -> tuple[str, dict]:
-    order = ORDER_IDS[i % len(ORDER_IDS)]
-    issue = ("late", "damaged", "other")[i % 3]
-    refund = i % 2 == 0
+    # The first 30 cycle together; later ones pair each order with every issue and refund.
+    n = len(ORDER_IDS)
+    order = ORDER_IDS[i % n]
+    issue = ("late", "damaged", "other")[(i + i // n) % 3]
+    refund = (i + i // (3 * n)) % 2 == 0
     text = f"my order {order} {ISSUES[issue]}" + (", I want my money back" if refund else "")
     return text, {"order_id": order, "issue": issue, "refund": refund}
 
@@ -143,3 +145,55 @@ def build_tiny_llama(path: Path, texts: Sequence[str] | None = None, hidden: int
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def causal_spec(task: str, **sections):
+    """An agent (fixture TOOLS) or extract (EXTRACT_SCHEMA) spec; keywords replace sections."""
+    from distill_compiler.spec import Spec
+
+    data = {"name": "tiny", "task": task, "teacher": {"logs": ["log.jsonl"]}}
+    if task == "agent":
+        data.update(description="Fixture shop assistant.", tools=list(TOOLS))
+    else:
+        data.update(description="Extract the order issue.", output={"schema": EXTRACT_SCHEMA})
+    return Spec.model_validate({**data, **sections})
+
+
+def train_tiny_causal(root: Path, train_ids: Sequence[int], steps: int = 100,
+                      seed: int = 0) -> Path:
+    """A train-stage artifact (model/ + chat.json) of the tiny Llama fitted to agent traces and
+    extractions `train_ids`, both rendered under causal_spec: a plain causal-LM loop over whole
+    conversations, long enough that greedy outputs follow the fixtures."""
+    import torch
+
+    from distill_compiler.causal_data import conversation
+    from distill_compiler.chat_format import ChatFormat
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    chat = ChatFormat()
+    texts = [chat.render(conversation(make(i), causal_spec(task), chat))
+             for task, make in (("agent", agent_record), ("extract", extract_record))
+             for i in train_ids]
+    build_tiny_llama(root / "model", texts, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread costs more than it brings
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(len(texts), (8,), generator=generator)
+        width = int(batch["attention_mask"][rows].sum(1).max())  # right-padded: trim the tail
+        loss = model(input_ids=batch["input_ids"][rows, :width],
+                     attention_mask=batch["attention_mask"][rows, :width],
+                     labels=labels[rows, :width]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    model.eval().save_pretrained(root / "model")
+    (root / "chat.json").write_text(json.dumps(chat.to_dict()))
+    return root

@@ -25,6 +25,8 @@ INPUTS = ("generate", "curate", "train", "export", "evaluate")
 MANIFEST_FORMAT = 1
 FILES = ("model.onnx", "tokenizer.json", "policy.json", "report.json", "MODEL_CARD.md",
          "report.html")
+# What a decoder bundle adds: the chat format its prompts use and how to drive the KV-cache graph.
+DECODER_FILES = ("chat.json", "decoder.json")
 RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy", "jsonschema")
 
 
@@ -88,13 +90,16 @@ def run(ctx) -> dict:
     gates = gates_for(spec.gates, spec.task, metrics)
     check_gates(gates)
 
-    shutil.copyfile(path["export"] / "model.onnx", ctx.out / "model.onnx")
-    shutil.copyfile(path["export"] / "tokenizer.json", ctx.out / "tokenizer.json")
+    files = bundle_files(spec.task)
+    copied = ("model.onnx", "tokenizer.json") + (DECODER_FILES if spec.task != "classify" else ())
+    for name in copied:
+        shutil.copyfile(path["export"] / name, ctx.out / name)
     policy = read_input(path, "evaluate", "policy.json")
     # Where escalations go; the key stays in the environment variable it names.
     policy["teacher"] = {"model": spec.teacher.model, "api_base": spec.teacher.api_base,
                          "api_key_env": spec.teacher.api_key_env}
-    write_json(ctx.out / "policy.json", policy)
+    # Key order kept: output and tool schemas list properties in the order the student emits.
+    write_json(ctx.out / "policy.json", policy, sort_keys=False)
 
     train_log = read_input(path, "train", "train_log.json")
     parity = read_input(path, "export", "parity.json")
@@ -120,16 +125,21 @@ def run(ctx) -> dict:
         "name": spec.name,
         "task": spec.task,
         "spec_sha256": spec_sha256(spec, KEYED_ON),
-        "files": {name: file_sha256(ctx.out / name) for name in FILES},
+        "files": {name: file_sha256(ctx.out / name) for name in files},
         "versions": versions(train_log, parity),
         "created_from": {name: artifact.digest for name, artifact in sorted(ctx.inputs.items())},
     }
     write_json(ctx.out / "manifest.json", manifest)
     cascade = metrics["cascade"]["test"]
-    return {"files": len(FILES) + 1, "model_bytes": (ctx.out / "model.onnx").stat().st_size,
+    return {"files": len(files) + 1, "model_bytes": (ctx.out / "model.onnx").stat().st_size,
             "agreement": metrics["test"]["agreement"],
             "escalation_rate": cascade["escalation_rate"],
             "gates": {g.name: g.passed for g in gates}}
+
+
+def bundle_files(task: str) -> tuple[str, ...]:
+    """Every file the manifest lists for a bundle of this task."""
+    return FILES if task == "classify" else FILES + DECODER_FILES
 
 
 def spec_sha256(spec, sections: tuple[str, ...]) -> str:
@@ -170,5 +180,6 @@ def read_input(paths: dict, stage: str, name: str):
                          f"rebuild it: distill compile --force {stage}") from None
 
 
-def write_json(path, value) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True), encoding="utf-8")
+def write_json(path, value, sort_keys: bool = True) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=sort_keys, ensure_ascii=False),
+                    encoding="utf-8")

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import calibration, cascade, metrics
-from ..errors import StageError
 from ..records import read_jsonl, write_jsonl
 from ..spec import OUT_OF_SCOPE
 
-VERSION = "2"
+VERSION = "3"
 KIND = "evaluation"
-KEYED_ON = ("task", "input", "intents", "refusals", "escalation", "export")
+KEYED_ON = ("task", "description", "input", "output", "tools", "intents", "refusals", "escalation",
+            "export")
 INPUTS = ("export", "curate", "generate")
 POLICY_FORMAT = 1
 LATENCY_RUNS = 200
@@ -32,8 +32,9 @@ LATENCY_WARMUP = 10
 def run(ctx) -> dict:
     spec = ctx.spec
     if spec.task != "classify":
-        raise StageError("evaluate", f"evaluating task {spec.task} is not built yet",
-                         "see the open issues; classify works today")
+        from ..evaluate_causal import evaluate  # onnxruntime loads only here
+
+        return evaluate(ctx, POLICY_FORMAT)
     from ..runtime import OnnxClassifier, Policy, text_field_of  # onnxruntime loads only here
 
     export, curate = ctx.inputs["export"].path, ctx.inputs["curate"].path

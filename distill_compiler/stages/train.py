@@ -1,21 +1,24 @@
-"""Distill the student from the curated teacher examples."""
+"""Distill the student from the curated teacher examples: an encoder classifier (classify) or a
+causal LM (extract, agent)."""
 
 from __future__ import annotations
 
-from ..errors import StageError
-
-VERSION = "1"
+VERSION = "2"
 KIND = "checkpoint"
-KEYED_ON = ("task", "input", "student")  # input: which field the model reads
+# input: the field a classifier reads; description, output and tools: the causal student's
+# system turn (causal_data.system_text), so a change to any of them changes what it learns.
+KEYED_ON = ("task", "description", "input", "output", "tools", "student")
 INPUTS = ("curate",)
 
 
 def run(ctx) -> dict:
-    if ctx.spec.task != "classify":
-        raise StageError("train", f"training for task {ctx.spec.task} is not built yet",
-                         "see the open issues; classify works today")
-    from ..runtime import text_field_of
-    from ..train_classifier import train_classifier  # torch loads only when a model trains
+    splits = ctx.inputs["curate"].path
+    if ctx.spec.task == "classify":
+        from ..runtime import text_field_of
+        from ..train_classifier import train_classifier  # torch loads only when a model trains
 
-    return train_classifier(ctx.inputs["curate"].path, ctx.out, ctx.spec.student,
-                            text_field_of(ctx.spec.input.schema_), ctx.spec_dir, ctx.reporter)
+        return train_classifier(splits, ctx.out, ctx.spec.student,
+                                text_field_of(ctx.spec.input.schema_), ctx.spec_dir, ctx.reporter)
+    from ..train_causal import train_causal
+
+    return train_causal(splits, ctx.out, ctx.spec, ctx.spec_dir, ctx.cache_root, ctx.reporter)

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from distill_compiler.cascade import (

@@ -8,7 +8,7 @@ import pytest
 from distill_compiler.chat_format import (CALL_CLOSE, CALL_OPEN, ChatFormat, call_schema, order_like,
                                           render_call)
 from distill_compiler.constrained import JsonConstraint, byte_level_vocab
-from tests.tiny_causal import TOOLS, agent_trace, build_chat_tokenizer, fixture_chat_text
+from tiny_causal import TOOLS, agent_trace, build_chat_tokenizer, fixture_chat_text
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,16 @@ def test_call_schema_is_one_branch_per_tool():
     schema = call_schema(TOOLS)
     assert [b["properties"]["name"]["const"] for b in schema["anyOf"]] == ["get_order", "cancel_order"]
     assert call_schema(TOOLS[:1])["properties"]["arguments"] == TOOLS[0]["parameters"]
+
+
+def test_tools_are_offered_as_compact_signatures():
+    from distill_compiler.chat_format import signature
+
+    assert signature(TOOLS[1]) == \
+        'cancel_order(order_id: string, reason: "changed_mind" | "too_late" | "other")'
+    nested = {"name": "f", "parameters": {"type": "object", "required": ["a"], "properties": {
+        "a": {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"const": None}]}},
+        "b": {"type": "object", "properties": {"c": {"type": ["string", "null"]}}}}}}
+    assert signature(nested) == "f(a: (integer | null)[], b?: {c?: string | null})"
+    text = ChatFormat().system_text("Shop.", TOOLS)
+    assert text.splitlines()[2:4] == ["// Look up an order by id.", "get_order(order_id: string)"]

@@ -394,3 +394,19 @@ def test_constraint_refuses_an_unenforceable_schema_listing_every_problem():
         JsonConstraint(schema, tiny_vocab(), eos_id=256)
     assert [p.split(":")[0] for p in info.value.problems] == ["properties.d.format",
                                                                "properties.n.maximum"]
+
+
+def test_sentencepiece_vocabularies_map_spaces_and_byte_fallback():
+    """Gemma-style vocabularies: `▁` is a space and `<0xNN>` a raw byte; both kinds of
+    vocabulary are told apart by the byte-fallback tokens."""
+    from distill_compiler.constrained import sentencepiece_vocab, token_bytes
+
+    vocab = {"<pad>": 0, "<eos>": 1, "▁the": 2, "{\"": 3, **{f"<0x{b:02X}>": 4 + b for b in range(256)}}
+    tokens = sentencepiece_vocab(vocab, ["<pad>", "<eos>"])
+    assert tokens[:4] == [None, None, b" the", b'{"'] and tokens[4 + 0x7B] == b"{"
+    assert token_bytes(vocab, ["<pad>", "<eos>"]) == tokens
+    constraint = JsonConstraint({"type": "boolean"}, tokens, eos_id=1)
+    state = constraint.advance(constraint.start(), 4 + ord("t"))
+    assert constraint.allowed(state)[4 + ord("r")] and not constraint.allowed(state)[2]
+    byte_level = {"Ġthe": 0, "a": 1}
+    assert token_bytes(byte_level) == [b" the", b"a"]

@@ -8,7 +8,8 @@ from conftest import TINY_STUDENT, stage_context, tiny_spec
 from tiny_models import LABELS, classify_examples
 
 from distill_compiler.errors import StageError
-from distill_compiler.export_classifier import Parity, check_parity, head_nodes
+from distill_compiler.export_classifier import Parity, check_parity
+from distill_compiler.quantize import head_nodes
 from distill_compiler.stages import export
 from distill_compiler.students import PooledClassifier
 
@@ -115,11 +116,3 @@ def test_parity_gate_fails_the_stage_on_a_barely_trained_model(tmp_path, make_sp
     assert "quantize: none" in err.value.hint and "train longer" in err.value.hint
     parity = json.loads((tmp_path / "out" / "parity.json").read_text())
     assert parity["agreement_fp32"] == 1.0 and parity["agreement_shipped"] < 0.99
-
-
-def test_other_tasks_are_not_built_yet(tmp_path, classify_splits):
-    spec = tiny_spec(task="agent", tools=[{"name": "t", "description": "d"}],
-                     student={"method": "sft"})
-    with pytest.raises(StageError, match="not built yet"):
-        export.run(stage_context("export", tmp_path / "out",
-                                 {"train": tmp_path, "curate": classify_splits}, spec))

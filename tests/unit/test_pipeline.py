@@ -6,7 +6,6 @@ so the pipeline's keying, caching and locking are exercised exactly as with the 
 
 import json
 import types
-from pathlib import Path
 
 import pytest
 

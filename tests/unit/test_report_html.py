@@ -1,5 +1,6 @@
-"""report.html: every section and chart present, nothing fetched from elsewhere, data escaped;
-and (opt-in, -m slow) the page rendered by a real headless Chromium."""
+"""report.html: every section and chart present, for classify, extract and agent bundles; nothing
+fetched from elsewhere, data escaped; and (opt-in, -m slow) the page rendered by a real headless
+Chromium."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from causal_reports import build
 from distill_compiler import report_html
 
 HOSTILE = "<script>alert(1)</script>"  # a label, cohort and rule name that must stay text
@@ -106,7 +108,19 @@ def test_every_section_and_chart_is_on_the_page(markup):
     assert "1 slower request (up to 40.0 ms)" in text  # the outlier is counted, not drawn
 
 
-def test_the_page_fetches_nothing(markup):
+@pytest.fixture(scope="module")
+def pages(markup) -> dict[str, str]:
+    """The page of each task; the causal ones carry markup in their description."""
+    out = {"classify": markup}
+    for task in ("extract", "agent"):
+        spec, _, report = build(task, description="Orders <i>only</i> & nothing else.")
+        out[task] = report_html.render(report, spec.name, spec.description)
+    return out
+
+
+@pytest.mark.parametrize("task", ["classify", "extract", "agent"])
+def test_the_page_fetches_nothing(pages, task):
+    markup = pages[task]
     page = Page(markup)
     assert not [tag for tag, _ in page.tags if tag in ("script", "link", "img", "iframe")]
     references = [value for _, attrs in page.tags for key, value in attrs.items()
@@ -126,6 +140,70 @@ def test_data_strings_are_escaped(markup):
     assert tips == [f"teacher {HOSTILE} → student billing: 2",
                     f"teacher {HOSTILE} → student {HOSTILE}: 1",
                     f"teacher {HOSTILE} → student out_of_scope: 0"]
+
+
+CAUSAL_SECTIONS = {"metrics", "schema", "cascade", "speed", "routes", "data", "cost"}
+CAUSAL_CHARTS = {"schema", "coverage", "speed", "routes", "funnel", "cost"}
+CLASSIFY_ONLY = {"confusion", "labels", "calibration", "latency", "cohorts"}
+
+
+def test_agent_page_scores_tools_depths_and_the_constraint(pages):
+    page = Page(pages["agent"])
+    ids = page.ids("id")
+    assert ids >= CAUSAL_SECTIONS | {"tools", "depth"} and not ids & CLASSIFY_ONLY
+    assert page.ids("data-chart") == CAUSAL_CHARTS | {"tools"}
+    text = " ".join(page.text)
+    for figure in ("agent · 12 test and 12 validation assistant turns",
+                   "75.0%",              # agreement: 9 of 12 turns
+                   "83.3%", "66.7%",     # tool-name accuracy 5/6, call exact match 4/6
+                   "100.0% / 66.7%",     # schema validity constrained / unconstrained
+                   "1 missed, 1 spurious", "200 tokens/s", "60.0 / 60.0 ms",
+                   "100% / 67%",         # cancel_order's bars: right tool, one wrong reason
+                   "cancel_order (n=3)", "escalated: low_confidence",
+                   "0.4 MB", "on 83.3% of 6 validation prompts", "30 paid, 4 cached"):
+        assert figure in text, figure
+    # Per depth: the call turns, then the text replies (no calls to score there).
+    assert table_rows(pages["agent"], "depth") == [
+        ["0", "6", "66.7%", "83.3%", "83.3%", "66.7%", "0.82", "n/a"],
+                    ["1", "6", "83.3%", "83.3%", "n/a", "n/a", "0.00", "0.83"]]
+    assert "answers cut short at max_new_tokens" in text
+
+
+def test_extract_page_scores_fields_and_the_constraint(pages):
+    page = Page(pages["extract"])
+    ids = page.ids("id")
+    assert ids >= CAUSAL_SECTIONS | {"fields"} and not ids & (CLASSIFY_ONLY | {"depth", "tools"})
+    assert page.ids("data-chart") == CAUSAL_CHARTS | {"fields"}
+    text = " ".join(page.text)
+    for figure in ("extract · 10 test and 10 validation answers", "80.0%", "0.933",
+                   "100.0% / 90.0%", "n/a (no gold objects)", "issue (n=10)", "0.90",
+                   "issue: precision 0.900, recall 0.900, F1 0.900 on 10 teacher values",
+                   "20.0%", "200 calls"):
+        assert figure in text, figure
+    assert "Orders <i>only</i> & nothing else." in text  # shown as text, not markup
+    assert "<i>only" not in pages["extract"]
+
+
+def table_rows(markup: str, section_id: str) -> list[list[str]]:
+    """The cell texts of each body row of the first table in a section."""
+    section = markup.split(f'<section id="{section_id}">', 1)[1].split("</section>", 1)[0]
+    body = section.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    return [["".join(Page(cell).text) for cell in row.split("</td>")[:-1]]
+            for row in body.split("</tr>")[:-1]]
+
+
+def test_missing_causal_measurements_say_so_instead_of_drawing():
+    _, _, report = build("agent")
+    metrics = report["metrics"]
+    del metrics["speed"]
+    metrics["unconstrained"]["schema_validity"] = None
+    metrics["test"]["per_tool"] = {}
+    metrics["cascade"]["val_curve"] = [{"threshold": 0.0, "coverage": None, "accuracy": None}]
+    page = Page(report_html.render(report, "x"))
+    assert page.ids("data-chart") == {"schema", "routes", "funnel", "cost"}
+    text = " ".join(page.text)
+    assert "The teacher called no tool on test" in text and "No validation traffic" in text
+    assert "n/a tokens/s" in text
 
 
 def test_missing_measurements_say_so_instead_of_drawing():

@@ -208,16 +208,27 @@ def test_runtime_imports_neither_torch_nor_transformers(bundle_dir):
     assert done.returncode == 0, done.stderr
 
 
+RUNTIME_LEAVES = ("runtime", "structured_runtime", "generation", "chat_format", "constrained",
+                  "enforceable")
+RUNTIME_LIBRARIES = {"jsonschema", "numpy", "onnxruntime", "tokenizers"}
+
+
 def test_runtime_is_a_leaf_module():
-    """It ships alone, so it may import nothing from the rest of distill_compiler."""
+    """It ships alone: the runtime modules import each other, the standard library and the
+    runtime's libraries, and nothing else of distill_compiler."""
     import ast
 
-    import distill_compiler.runtime as runtime
+    import distill_compiler
 
-    tree = ast.parse(Path(runtime.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] if node.level == 0 else "." for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module != "__future__"}
-    assert imported <= {"hashlib", "json", "re", "dataclasses", "pathlib", "typing",
-                        "jsonschema", "numpy", "onnxruntime", "tokenizers"}, imported
+    package = Path(distill_compiler.__file__).parent
+    for name in RUNTIME_LEAVES:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        external = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for alias in node.names}
+        external |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 0
+                     and node.module != "__future__"}
+        internal = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert internal <= set(RUNTIME_LEAVES), (name, internal)
+        assert external - RUNTIME_LIBRARIES <= set(sys.stdlib_module_names), (name, external)

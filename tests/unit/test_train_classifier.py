@@ -131,9 +131,3 @@ def test_minilm_resolves_to_the_offline_package(tmp_path):
     path = resolve_base("minilm-l6", tmp_path)
     assert (tmp_path / path / "config.json").is_file()
     assert resolve_base("org/some-model", tmp_path) == "org/some-model"
-
-
-def test_other_tasks_are_not_built_yet(tmp_path, classify_splits):
-    spec = tiny_spec(task="extract", output={"schema": {"type": "object"}}, student={"method": "sft"})
-    with pytest.raises(StageError, match="not built yet"):
-        train.run(stage_context("train", tmp_path / "out", {"curate": classify_splits}, spec))

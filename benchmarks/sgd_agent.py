@@ -1,0 +1,368 @@
+"""Schema-Guided Dialogue as agent traces: compile an agent student on SGD's train dialogues,
+then report its tool calls on dev, which the compiler never sees.
+
+    python benchmarks/sgd_agent.py [--train-dialogues N] [--dev-points N] [--base ID]
+                                   [--context-turns K] [--set student.epochs=2 ...]
+
+Every SYSTEM turn that makes a service call becomes one recorded teacher-log line: the
+conversation before it is the request (user turns as user messages, earlier system turns as
+assistant text, earlier calls as assistant tool calls each followed by a tool message holding
+that call's results), the call is the response, and the request offers the tools of the
+dialogue's services only. One tool per (service, intent) of schema.json, named
+`<service>__<intent>` because intents repeat across services (FindRestaurants is in Restaurants_1
+and Restaurants_2, with different slots). The spec lists the tools of train and dev: dev has
+services train never saw (Alarm_1, Banks_2, Flights_3, Hotels_4, Restaurants_2).
+
+Prints (and writes to <workdir>/results.json): on dev, tool-name and method accuracy, full-call
+exact match, argument F1 and schema validity with and without constrained decoding, the same
+per call depth (service calls made earlier in the dialogue) and per tool, and tokens per second
+of the fp32 and int8 ONNX decoders measured side by side in one run.
+
+The defaults are sized for a 2-core CPU and a from-scratch student (`scratch:4x256`, which
+trains at roughly 2 s per 1,000-token conversation there): a seeded sample of train dialogues
+and dev call points, the last K turns of context and the first R results of each earlier call.
+On a GPU pass `--base gemma-3-270m` (or any causal LM), `--train-dialogues 0 --dev-points 0`
+(everything) and `--context-turns 0 --max-results 0 --slot-descriptions` (whole prompts).
+Data: ../shared/datasets/sgd (CC BY-SA 4.0, Google), read in place; the converted logs, which
+carry the same licence, go to <workdir> (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets" / "sgd"
+SEPARATOR = "__"  # between service and intent in a tool name: neither contains two underscores
+DESCRIPTION = ("A virtual assistant for banking, flights, hotels, restaurants, ride sharing, "
+               "weather, alarms and payments. When the user's request needs a service, call its "
+               "tool with the values the user agreed to; otherwise answer briefly.")
+
+
+# --------------------------------------------------------------------------- schema -> tools
+
+def tool_name(service: str, intent: str) -> str:
+    return f"{service}{SEPARATOR}{intent}"
+
+
+def method_of(name: str | None) -> str | None:
+    return name.split(SEPARATOR, 1)[-1] if isinstance(name, str) else None
+
+
+def tool_parameters(service: dict, intent: dict, slot_descriptions: bool = True) -> dict:
+    """An intent's slots as an object schema constrained decoding can enforce: every value is a
+    string (SGD's canonical values are), a categorical slot's values are an enum, required
+    slots are required and optional ones may be left out."""
+    slots = {s["name"]: s for s in service["slots"]}
+    properties = {}
+    for name in [*intent["required_slots"], *intent["optional_slots"]]:
+        slot = slots[name]
+        schema: dict = {"type": "string"}
+        if slot["is_categorical"]:
+            schema["enum"] = list(slot["possible_values"])
+        if slot_descriptions:
+            schema["description"] = slot["description"]
+        properties[name] = schema
+    return {"type": "object", "properties": properties,
+            "required": list(intent["required_slots"]), "additionalProperties": False}
+
+
+def service_tools(service: dict, slot_descriptions: bool = True) -> list[dict]:
+    """One OpenAI function tool per intent of an SGD service schema."""
+    return [{"type": "function", "function": {
+        "name": tool_name(service["service_name"], intent["name"]),
+        "description": intent["description"],
+        "parameters": tool_parameters(service, intent, slot_descriptions)}}
+        for intent in service["intents"]]
+
+
+def read_schemas(paths: Sequence[Path]) -> dict[str, dict]:
+    """Service schemas by name, from several schema.json files (a service both splits share is
+    the same schema; the first file's copy is kept)."""
+    services: dict[str, dict] = {}
+    for path in paths:
+        for service in json.loads(path.read_text(encoding="utf-8")):
+            services.setdefault(service["service_name"], service)
+    return services
+
+
+# --------------------------------------------------------------------------- dialogues -> log
+
+def call_message(call_id: str, name: str, parameters: dict) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [{
+        "id": call_id, "type": "function",
+        "function": {"name": name, "arguments": json.dumps(parameters, ensure_ascii=False)}}]}
+
+
+def dialogue_lines(dialogue: dict, tools: dict[str, list[dict]], context_turns: int = 0,
+                   max_results: int = 0) -> list[dict]:
+    """A dialogue's service calls as teacher-log lines, in order.
+
+    `tools` maps a service name to its OpenAI tools. `context_turns` keeps only the last K
+    dialogue turns before each call (0: all), cut so that the context starts on a user turn;
+    `max_results` keeps the first R entities of each earlier call's results (0: all). Each line
+    carries `meta` (dialogue id, service, calls made before it in the dialogue), which log
+    replay ignores and the evaluation reads.
+    """
+    offered = [t for service in dialogue["services"] for t in tools[service]]
+    messages: list[dict] = []
+    starts: list[int] = []  # index in `messages` where each dialogue turn begins
+    lines: list[dict] = []
+    for index, turn in enumerate(dialogue["turns"]):
+        starts.append(len(messages))
+        if turn["speaker"] == "USER":
+            messages.append({"role": "user", "content": turn["utterance"]})
+            continue
+        for frame in turn["frames"]:
+            call = frame.get("service_call")
+            if call is None:
+                continue
+            call_id = f"call_{len(lines)}"
+            name = tool_name(frame["service"], call["method"])
+            context = messages[starts[_first_kept_turn(dialogue["turns"], index, context_turns)]:]
+            lines.append({
+                "request": {"messages": context, "tools": offered},
+                "response": {"choices": [{"message": call_message(call_id, name,
+                                                                   call["parameters"])}]},
+                "meta": {"dialogue_id": dialogue["dialogue_id"], "service": frame["service"],
+                         "depth": len(lines)}})
+            results = frame.get("service_results") or []
+            messages += [call_message(call_id, name, call["parameters"]),
+                         {"role": "tool", "tool_call_id": call_id, "content": json.dumps(
+                             results[:max_results] if max_results else results,
+                             ensure_ascii=False)}]
+        messages.append({"role": "assistant", "content": turn["utterance"]})
+    return lines
+
+
+def _first_kept_turn(turns: list[dict], index: int, context_turns: int) -> int:
+    """The first turn of the last `context_turns` turns before `index`, moved on to a user turn
+    so that a truncated context never opens with the assistant."""
+    first = max(0, index - context_turns) if context_turns else 0
+    while first < index and turns[first]["speaker"] != "USER":
+        first += 1
+    return first
+
+
+def convert(dialogues: Sequence[dict], services: dict[str, dict], context_turns: int,
+            max_results: int, slot_descriptions: bool = True) -> list[dict]:
+    tools = {name: service_tools(s, slot_descriptions) for name, s in services.items()}
+    return [line for d in dialogues for line in dialogue_lines(d, tools, context_turns, max_results)]
+
+
+def read_dialogues(split: str) -> list[dict]:
+    return json.loads((DATA / split / "dialogues_subset.json").read_text(encoding="utf-8"))
+
+
+def sample(items: list, n: int, seed: int) -> list:
+    """A seeded sample of `n` items in their original order; all of them when n is 0."""
+    if not n or n >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def write_jsonl(path: Path, lines: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- spec
+
+def spec_document(tools: Sequence[dict], log: Path, base: str) -> dict:
+    """The compiler spec: every tool of train and dev, train's converted log as the teacher."""
+    return {
+        "name": "sgd-agent",
+        "task": "agent",
+        "description": DESCRIPTION,
+        "tools": [{"name": t["function"]["name"], "description": t["function"]["description"],
+                   "parameters": t["function"]["parameters"]} for t in tools],
+        "teacher": {"logs": [str(log)]},
+        # Each call point is its own example, and points of one dialogue share most of their
+        # context: near-duplicate removal would throw real calls away, so only exact repeats go.
+        "data": {"holdout": 0.05, "seed": 0, "pii_scrub": False, "near_duplicate_threshold": 1.0},
+        # A from-scratch student needs a far higher learning rate than a pretrained one.
+        "student": {"base": base, "method": "sft", "epochs": 2, "batch_size": 8, "max_length": 2048,
+                    "learning_rate": 1e-3 if base.startswith("scratch:") else 1e-4},
+        # The benchmark reports int8 agreement (stages.export) and only stops on a broken export.
+        "export": {"quantize": "int8", "max_new_tokens": 96, "min_parity": 0.5},
+    }
+
+
+def write_spec(workdir: Path, document: dict) -> Path:
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "spec.yaml"
+    path.write_text("# Generated by benchmarks/sgd_agent.py from ../shared/datasets/sgd "
+                    "(CC BY-SA 4.0).\n" + yaml.safe_dump(document, sort_keys=False, width=100,
+                                                         allow_unicode=True))
+    return path
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def call_points(spec, chat, log: Path, lines: Sequence[dict]) -> list:
+    """Each dev line as the prediction point the runtime sees: replayed like the training log,
+    so the prompt is built exactly as for training, and the call is its last assistant turn."""
+    from distill_compiler.causal_data import points
+    from distill_compiler.logs import LogReader
+
+    records = LogReader(spec, log.parent).replay((log.name,))
+    return [points(record, spec, chat)[-1] for record in records]
+
+
+def predict(decoder, chat, points: Sequence, constrain: bool, max_new_tokens: int) -> list:
+    from distill_compiler.generation import Agent
+
+    return [decoder.complete(chat.render(p.prompt, add_generation_prompt=True), Agent(p.tools),
+                             max_new_tokens, constrain=constrain) for p in points]
+
+
+def method_accuracy(predicted: Sequence[dict | None], targets: Sequence[dict]) -> float | None:
+    """The intent called, whatever service it was called on (SGD's method accuracy)."""
+    from distill_compiler.structured_metrics import calls_of
+
+    pairs = [(calls_of(p), calls_of(t)) for p, t in zip(predicted, targets) if calls_of(t)]
+    hits = sum(bool(got) and method_of(got[0][0]) == method_of(want[0][0]) for got, want in pairs)
+    return round(hits / len(pairs), 4) if pairs else None
+
+
+def call_report(points: Sequence, completions: Sequence, depths: Sequence[int]) -> dict:
+    from distill_compiler.structured_metrics import agent_report
+
+    predicted = [c.message for c in completions]
+    targets = [p.target for p in points]
+    report = agent_report(predicted, targets, [p.tools for p in points], depths)
+    return {"method_accuracy": method_accuracy(predicted, targets), **report}
+
+
+def tokens_per_second(decoders: dict, chat, points: Sequence, max_new_tokens: int) -> dict:
+    """Constrained greedy decoding of the same prompts by each decoder, alternating per prompt
+    (after one warm-up prompt each), so machine noise hits all alike. A completion's seconds
+    cover prefill, masks and decoding: these are end-to-end tokens per second of an answer."""
+    from distill_compiler.generation import Agent
+
+    totals = {name: [0, 0.0] for name in decoders}
+    for i, point in enumerate(points):
+        prompt = chat.render(point.prompt, add_generation_prompt=True)
+        order = list(decoders.items()) if i % 2 == 0 else list(reversed(decoders.items()))
+        for name, decoder in order:
+            completion = decoder.complete(prompt, Agent(point.tools), max_new_tokens, constrain=True)
+            if i:  # the first prompt warms each decoder up
+                totals[name][0] += completion.new_tokens
+                totals[name][1] += completion.seconds
+    return {name: {"new_tokens": n, "seconds": round(s, 3),
+                   "tokens_per_s": round(n / s, 1) if s else None}
+            for name, (n, s) in totals.items()}
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work" / "sgd")
+    parser.add_argument("--train-dialogues", type=int, default=100,
+                        help="seeded sample of train dialogues (0: all 2,772)")
+    parser.add_argument("--dev-points", type=int, default=150,
+                        help="seeded sample of dev call points to report on (0: all 1,526)")
+    parser.add_argument("--context-turns", type=int, default=4,
+                        help="dialogue turns of context kept before each call (0: all)")
+    parser.add_argument("--max-results", type=int, default=1,
+                        help="results of an earlier call kept in its tool message (0: all)")
+    parser.add_argument("--slot-descriptions", action="store_true",
+                        help="describe each slot in the tool schemas (helps unseen services; "
+                             "prompts grow by a third)")
+    parser.add_argument("--base", default="scratch:4x256",
+                        help="student.base: scratch:<layers>x<hidden>, gemma-3-270m, an HF id or path")
+    parser.add_argument("--speed-points", type=int, default=20,
+                        help="dev points decoded by both fp32 and int8 for tokens/s")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
+    parser.add_argument("--until", default="export",
+                        help="last compiler stage to run; dev is evaluated only after export")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        help="spec override, as for `distill compile --set`")
+    args = parser.parse_args(argv)
+
+    from distill_compiler import pipeline
+    from distill_compiler.cli import RichReporter, err, parse_sets
+    from distill_compiler.spec import load_spec
+
+    services = read_schemas([DATA / "train" / "schema.json", DATA / "dev" / "schema.json"])
+    options = (args.context_turns, args.max_results, args.slot_descriptions)
+    train = convert(sample(read_dialogues("train"), args.train_dialogues, args.seed), services, *options)
+    dev = sample(convert(read_dialogues("dev"), services, *options), args.dev_points, args.seed)
+    train_log = write_jsonl(args.workdir / "train.jsonl", train)
+    dev_log = write_jsonl(args.workdir / "dev.jsonl", dev)
+    tools = [t for s in services.values() for t in service_tools(s, args.slot_descriptions)]
+    spec_path = write_spec(args.workdir, spec_document(tools, train_log, args.base))
+    spec = load_spec(spec_path, parse_sets(tuple(args.sets)))
+    project = pipeline.Project.of(spec, spec_path)
+
+    started = time.perf_counter()
+    reporter = RichReporter(err)
+    try:
+        build = pipeline.build(project, until=args.until, reporter=reporter)
+    finally:
+        reporter.close()
+    results = {
+        "command": "python benchmarks/sgd_agent.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "student_base": spec.student.base,
+        "from_scratch": spec.student.base.startswith("scratch:"),
+        "data": {"train_dialogues": args.train_dialogues or "all", "train_calls": len(train),
+                 "dev_calls": len(dev), "context_turns": args.context_turns or "all",
+                 "max_results": args.max_results or "all", "tools_in_spec": len(tools)},
+        "compile_seconds": round(time.perf_counter() - started, 1),
+        "stages": {r.name: {"cached": r.cached, "seconds": r.seconds, **r.summary} for r in build.runs},
+    }
+    artifacts = {r.name: r.artifact.path for r in build.runs}
+    if "export" in artifacts:
+        results.update(evaluate_dev(spec, artifacts["export"], dev_log, dev, args))
+    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    json.dump(results, sys.stdout, indent=2)
+    print()
+
+
+def evaluate_dev(spec, export_dir: Path, dev_log: Path, dev: list[dict], args) -> dict:
+    """Dev call points through the shipped decoder, constrained and not, then tokens/s of the
+    fp32 graph against the shipped one."""
+    from distill_compiler.chat_format import ChatFormat
+    from distill_compiler.generation import Decoder
+
+    chat = ChatFormat.from_dict(json.loads((export_dir / "chat.json").read_text()))
+    points = call_points(spec, chat, dev_log, dev)
+    depths = [line["meta"]["depth"] for line in dev]
+    shipped = Decoder(export_dir, threads=args.threads)  # model.onnx, quantized as the spec says
+    fp32 = Decoder(export_dir, threads=args.threads, model="model.fp32.onnx")
+    budget = spec.export.max_new_tokens
+    started = time.perf_counter()
+    constrained = predict(shipped, chat, points, True, budget)
+    free = predict(shipped, chat, points, False, budget)
+    return {
+        "shipped_quantize": spec.export.quantize,
+        "dev_seconds": round(time.perf_counter() - started, 1),
+        "dev_constrained": call_report(points, constrained, depths),
+        "dev_unconstrained": call_report(points, free, depths),
+        "tokens_per_second": {
+            "prompts": max(0, min(args.speed_points, len(points)) - 1),
+            "threads": args.threads, "cpu_count": os.cpu_count(),
+            **tokens_per_second({"onnx_fp32": fp32, f"onnx_{spec.export.quantize}": shipped},
+                                chat, points[:args.speed_points], budget)},
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""MODEL_CARD.md of extract and agent bundles: every section, the figures report.json holds, and
+nothing of a classifier's card (labels, calibration)."""
+
+from __future__ import annotations
+
+import pytest
+
+from causal_reports import build
+from distill_compiler import model_card
+
+SECTIONS = ("## Intended use", "## Data", "## Model", "## Metrics", "## Cascade", "## Speed",
+            "## Limitations")
+
+
+@pytest.fixture(scope="module")
+def agent():
+    return build("agent")
+
+
+@pytest.fixture(scope="module")
+def extract():
+    return build("extract")
+
+
+def test_agent_card_shows_tools_calls_depth_and_speed(agent):
+    card = model_card.render(*agent)
+    for heading in (*SECTIONS, "## Tools"):
+        assert heading in card, heading
+    assert "## Labels" not in card and "Calibration" not in card
+    assert "The tool-calling loop belongs to the host" in card
+    assert "`get_order`, `cancel_order`" in card and "route `refusal`" in card
+    # Conversation 2's missed lookup and conversation 1's wrong reason, per tool.
+    assert ("| `get_order` | Look up an order by id. | `order_id` | 3 | 66.7% | 66.7% | 0.800 |"
+            in card)
+    assert ("| `cancel_order` | Cancel an order. | `order_id`, `reason` | 3 | 100.0% | 66.7% |"
+            in card)
+    for figure in ("Agreement with the teacher: 75.0%",
+                   "6 tool calls: 100.0% constrained, 66.7% with plain greedy decoding",
+                   "missed calls 1, spurious calls 1",
+                   "tool-name accuracy 83.3%, call exact match 66.7%",
+                   "| 0 | 6 | 66.7% | 66.7% | 0.824 | n/a |",
+                   "| 1 | 6 | 83.3% | n/a | 0.000 | 0.833 |",
+                   "16.7% escalated (low_confidence: 2)",
+                   "Teacher calls: 167 per 1,000 requests",
+                   "| constrained (ships) | 200 | 60.0 | 60.0 | 12.0 |",
+                   "| unconstrained | 300 | 50.0 | 50.0 | 15.0 |",
+                   "140,352 parameters; all weights trained",
+                   "training loss 3.900 → 0.350",
+                   "on 83.3% of 6 validation prompts (fp32 graph: 100.0%)",
+                   "Measured up to depth 1"):
+        assert figure in card, figure
+
+
+def test_extract_card_shows_fields_and_what_the_constraint_buys(extract):
+    card = model_card.render(*extract)
+    for heading in (*SECTIONS, "## Output fields"):
+        assert heading in card, heading
+    assert "## Tools" not in card and "depth" not in card
+    assert ("Extracts one JSON object (`order_id`, `issue`, `refund`) from the `message` field"
+            in card)
+    # Answer 7's issue and answer 3's refund are wrong; the pipe in a description stays in its cell.
+    assert ('| `issue` | one of "late", "damaged", "other" | yes | What went wrong \\| in a word. '
+            '| 10 | 0.900 | 0.900 | 0.900 |') in card
+    assert "| `order_id` | string | yes |  | 10 | 1.000 | 1.000 | 1.000 |" in card
+    for figure in ("Agreement with the teacher: 80.0%",
+                   "Schema validity: 100.0% constrained, 90.0% with plain greedy decoding",
+                   "precision 0.933, recall 0.933, F1 0.933",
+                   "accuracy against gold was not measured",
+                   "20.0% escalated (low_confidence: 2)",
+                   "Weakest fields on test (F1): `issue` (0.900), `refund` (0.900)"):
+        assert figure in card, figure
+
+
+def test_a_sparse_train_log_and_lora_render(agent):
+    spec, policy, report = agent
+    report = {**report, "train": {"method": "sft", "base": "gemma-3-270m",
+                                  "lora": {"r": 8, "alpha": 16,
+                                           "target_modules": ["q_proj", "v_proj"]}},
+              "parity": {}}
+    card = model_card.render(spec, policy, report)
+    assert "`gemma-3-270m`, method `sft`, n/a parameters" in card
+    assert "LoRA r=8, alpha 16 on q_proj, v_proj, merged before export" in card
+    assert "equal the trained model's on n/a of n/a validation prompts" in card
+
+
+def test_nested_and_array_fields_find_their_schema():
+    schema = {"type": "object", "properties": {
+        "slots": {"type": "array", "items": {"type": "object"}},
+        "who": {"type": "object", "properties": {"age": {"type": ["integer", "null"]}}}}}
+    assert model_card.type_text(model_card.schema_at(schema, "slots[]")) == "object"
+    assert model_card.type_text(model_card.schema_at(schema, "who.age")) == "integer or null"
+    assert model_card.type_text(model_card.schema_at(schema, "nowhere.else")) == "any"
+    assert model_card.within("who.age", "who") and not model_card.within("whom", "who")
