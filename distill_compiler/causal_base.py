@@ -86,6 +86,9 @@ def gemma_base(cache_dir: Path, stage: str) -> Base:
     if not (plain / "config.json").is_file():
         path = gemma_gguf(cache_dir, stage)
         converted = pretrained_base(str(path.parent), Path("/"), stage, gguf_file=path.name)
+        # The weights are already dequantized to fp32; the quantizer left attached is what
+        # makes save_pretrained and Trainer refuse the model.
+        converted.model.hf_quantizer = None
         converted.model.config.__dict__.pop("quantization_config", None)
         tmp = plain.with_name("hf.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
