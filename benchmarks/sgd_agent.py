@@ -172,10 +172,10 @@ def sample(items: list, n: int, seed: int) -> list:
 
 
 def write_jsonl(path: Path, lines: Sequence[dict]) -> Path:
+    from distill_compiler import records
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    records.write_jsonl(path, lines)
     return path
 
 

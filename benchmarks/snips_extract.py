@@ -116,10 +116,10 @@ def log_rows(examples: Sequence[tuple[str, dict]]) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
+    from distill_compiler import records
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    records.write_jsonl(path, rows)
     return path
 
 

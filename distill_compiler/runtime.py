@@ -278,13 +278,7 @@ class Bundle:
 
     def predict_batch(self, inputs: list[dict], probs: bool = False) -> list[dict]:
         """Answer each request; one invalid input rejects the batch (InputError says which)."""
-        for i, item in enumerate(inputs):
-            try:
-                self.policy.check_input(item)
-            except InputError as exc:
-                if len(inputs) == 1:
-                    raise
-                raise InputError(exc.message, f"$[{i}]{exc.path[1:]}") from None
+        check_inputs(self.policy, inputs)
         texts = [self.policy.text(item) for item in inputs]
         all_probs = softmax(self.classifier.logits(texts), self.policy.temperature)
         results = []
@@ -297,6 +291,17 @@ class Bundle:
                 result["probs"] = {label: float(x) for label, x in zip(self.policy.labels, p)}
             results.append(result)
         return results
+
+
+def check_inputs(policy, inputs: list) -> None:
+    """Validate a batch before any of it runs; an error's path names the bad item (`$[2].x`)."""
+    for i, item in enumerate(inputs):
+        try:
+            policy.check_input(item)
+        except InputError as exc:
+            if len(inputs) == 1:
+                raise
+            raise InputError(exc.message, f"$[{i}]{exc.path[1:]}") from None
 
 
 def load_bundle(path: str | Path, threads: int | None = None, providers: list[str] | None = None):

@@ -31,7 +31,7 @@ from typing import Any
 import jsonschema
 
 from .chat_format import ChatFormat, user_text
-from .runtime import POLICY_FILE, POLICY_FORMAT, BundleError, InputError, Trigger
+from .runtime import POLICY_FILE, POLICY_FORMAT, BundleError, InputError, Trigger, check_inputs
 
 TASKS = ("extract", "agent")
 # What an agent request looks like: OpenAI chat messages, optionally naming the tools offered.
@@ -174,7 +174,16 @@ class StructuredBundle:
         self.root, self.policy, self.decoder, self.manifest = root, policy, decoder, manifest
 
     def predict(self, input: dict) -> dict:
-        self.policy.check_input(input)
+        return self.predict_batch([input])[0]
+
+    def predict_batch(self, inputs: list[dict]) -> list[dict]:
+        """Answer each request in turn (decoding runs batch 1); one invalid input rejects the
+        batch before any decoding."""
+        check_inputs(self.policy, inputs)
+        return [self.answer(item) for item in inputs]
+
+    def answer(self, input: dict) -> dict:
+        """One validated request through the decoder and the policy."""
         completion = self.decoder.complete(self.policy.prompt(input), self.policy.mode(input),
                                            self.policy.max_new_tokens)
         routed = self.policy.decide(self.policy.trigger_text(input), completion.message,
@@ -182,16 +191,6 @@ class StructuredBundle:
         return {"output": self.policy.output(completion.message),
                 "confidence": routed.confidence, "route": routed.route, "reason": routed.reason,
                 "tokens": completion.new_tokens}
-
-    def predict_batch(self, inputs: list[dict]) -> list[dict]:
-        for i, item in enumerate(inputs):
-            try:
-                self.policy.check_input(item)
-            except InputError as exc:
-                if len(inputs) == 1:
-                    raise
-                raise InputError(exc.message, f"$[{i}]{exc.path[1:]}") from None
-        return [self.predict(item) for item in inputs]
 
 
 def load_structured(root: Path, policy_data: dict, manifest: dict,

@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from distill_compiler.cli import main
+from cli_runner import cli
 from tiny_causal import EXTRACT_SCHEMA, TOOLS, agent_trace, extraction
 
 pytestmark = pytest.mark.e2e
@@ -21,14 +21,6 @@ TRAINING = ("data:\n  near_duplicate_threshold: 1.0\n"
             "student:\n  base: scratch:2x64\n  method: sft\n  epochs: 50\n  learning_rate: 0.01\n"
             "  batch_size: 8\n  max_length: 256\n  patience: 0\n"
             "export:\n  quantize: int8\n  max_new_tokens: 48\n  min_parity: 0.9\n")
-
-
-def cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 def log_line(messages: list[dict]) -> str:
@@ -65,20 +57,21 @@ def extract_spec(root: Path) -> Path:
     return root / "spec.yaml"
 
 
-@pytest.fixture(scope="module")
-def agent_build(tmp_path_factory):
-    root = tmp_path_factory.mktemp("agent")
-    spec = agent_spec(root)
+def compiled(root: Path, write_spec) -> Path:
+    """Write a spec into `root` with `write_spec`, compile it there, return the build folder."""
+    spec = write_spec(root)
     assert cli("compile", spec, "-o", root / "build", "--cache", root / "cache") == 0
     return root / "build"
+
+
+@pytest.fixture(scope="module")
+def agent_build(tmp_path_factory):
+    return compiled(tmp_path_factory.mktemp("agent"), agent_spec)
 
 
 @pytest.fixture(scope="module")
 def extract_build(tmp_path_factory):
-    root = tmp_path_factory.mktemp("extract")
-    spec = extract_spec(root)
-    assert cli("compile", spec, "-o", root / "build", "--cache", root / "cache") == 0
-    return root / "build"
+    return compiled(tmp_path_factory.mktemp("extract"), extract_spec)
 
 
 def test_agent_bundle_calls_tools_with_valid_arguments(agent_build):

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from distill_compiler import pipeline
-from distill_compiler.cli import main
 from distill_compiler.spec import load_spec
+from cli_runner import cli
 from tiny_models import build_tiny_encoder
 
 pytestmark = pytest.mark.e2e
@@ -21,14 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "examples" / "harbor-support" / "spec.yaml"
 BUNDLE_FILES = {"model.onnx", "tokenizer.json", "policy.json", "manifest.json", "report.json",
                 "MODEL_CARD.md", "report.html"}
-
-
-def cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cli_runner import cli
+
 from distill_compiler import diff
-from distill_compiler.cli import main
 from distill_compiler.errors import UsageError
 
 
@@ -95,14 +96,6 @@ def test_gate_direction_falls_back_to_the_gate_name():
     assert diff.gate_passes({"gate": "max_escalation_rate", "limit": 0.3, "value": 0.2})
     assert not diff.gate_passes({"gate": "max_escalation_rate", "limit": 0.3, "value": 0.4})
     assert not diff.gate_passes({"gate": "min_teacher_agreement", "limit": 0.8, "value": None})
-
-
-def cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 def test_cli_table_json_and_exit_codes(builds, capsys):

