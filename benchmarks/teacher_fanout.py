@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from teacher_server import serve_forever  # noqa: E402
 
-from distill_compiler.spec import Teacher as TeacherConfig  # noqa: E402
-from distill_compiler.teacher import Request, Teacher  # noqa: E402
-from distill_compiler.teacher_cache import RequestCache  # noqa: E402
+from distill_compiler.spec.models import Teacher as TeacherConfig  # noqa: E402
+from distill_compiler.teacher.cache import RequestCache  # noqa: E402
+from distill_compiler.teacher.client import Request, Teacher  # noqa: E402
 
 LABELS = "Labels:\n- billing: money taken\n- refund: money back\n- out_of_scope: anything else"
 

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .runtime.format import sha256_file
+
 MANIFEST = "artifact.json"
 SCHEMA_VERSION = 1
 
@@ -31,16 +33,8 @@ def tree_digest(root: Path) -> str:
     outer = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p != root / MANIFEST):
         rel = path.relative_to(root).as_posix()
-        outer.update(rel.encode() + b"\0" + file_sha256(path).encode() + b"\n")
+        outer.update(rel.encode() + b"\0" + sha256_file(path).encode() + b"\n")
     return outer.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def seal(root: Path, kind: str, meta: dict) -> Artifact:

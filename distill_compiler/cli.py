@@ -19,8 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import pipeline, spec as spec_mod
+from . import pipeline
+from . import spec as spec_mod
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError, SpecError, UsageError
+from .runtime.format import BundleError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -30,8 +32,13 @@ class RichReporter(pipeline.Reporter):
     """Stage progress on stderr: a log line per event, a bar per long loop."""
 
     def __init__(self, console: Console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
         self.console = console
         self.bars = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
                              TimeElapsedColumn(), console=console, transient=True)
@@ -172,8 +179,8 @@ def plan_cmd(spec_path: str, out_dir: str | None, cache: str | None, sets: tuple
 @out_option
 @cache_option
 @set_option
-@click.option("--until", type=click.Choice(pipeline.STAGES), help="Stop after this stage.")
-@click.option("--force", multiple=True, type=click.Choice(pipeline.STAGES),
+@click.option("--until", type=click.Choice(pipeline.STAGE_NAMES), help="Stop after this stage.")
+@click.option("--force", multiple=True, type=click.Choice(pipeline.STAGE_NAMES),
               help="Rerun this stage even if cached (repeatable).")
 def compile_cmd(spec_path: str, out_dir: str | None, cache: str | None, sets: tuple[str, ...],
                 until: str | None, force: tuple[str, ...]) -> None:
@@ -269,7 +276,7 @@ def serve_cmd(bundle: str, host: str, port: int, threads: int | None, escalation
               teacher_timeout: float) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
     try:
-        from . import server
+        from .serve import server
     except ImportError as exc:
         raise UsageError(f"distill serve needs starlette and uvicorn ({exc}); "
                          "pip install 'distill-compiler[serve]'") from None
@@ -292,7 +299,7 @@ def serve_cmd(bundle: str, host: str, port: int, threads: int | None, escalation
 def diff_cmd(build_a: str, build_b: str, tolerance: float, latency_tolerance: float,
              fail_on_regression: bool, as_json: bool) -> None:
     """Compare two builds' reports; exit 1 when B fails its gates (or regresses, if asked)."""
-    from . import diff
+    from .report import diff
 
     result = diff.compare(diff.load_report(build_a), diff.load_report(build_b), tolerance,
                           latency_tolerance)
@@ -324,14 +331,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         err.print(escape(exc.render()))
         sys.exit(exc.exit_code)
-    except Exception as exc:
-        if debug or not _is_bundle_error(exc):
+    except BundleError as exc:  # a bundle that cannot load, or a request it refuses
+        if debug:
             raise
         err.print(escape(f"error: {exc}"))
         sys.exit(EXIT_USAGE)
-
-
-def _is_bundle_error(exc: Exception) -> bool:
-    # runtime.py is a leaf that imports nothing from the compiler, so its errors are not
-    # DistillErrors; recognise them by module without importing the runtime here.
-    return type(exc).__module__ == "distill_compiler.runtime"

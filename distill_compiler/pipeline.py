@@ -8,7 +8,6 @@ those sections (`SpecView`), so its key cannot miss a field it reads.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import shutil
 import time
@@ -18,22 +17,20 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import spec as spec_mod
-from .artifacts import Artifact, file_sha256
+from .artifacts import Artifact
 from .cache import Store, read_lock, write_json_atomic
 from .errors import UsageError
-from .spec import Spec
+from .runtime.format import sha256_file
+from .spec.models import Spec, keyed_values
+from .stages import bundle, curate, evaluate, export, generate, train
 
-STAGES = ("generate", "curate", "train", "export", "evaluate", "bundle")
-
-
-def stage_module(name: str) -> ModuleType:
-    """Stage modules keep heavy imports inside run(), so importing one here stays light."""
-    return importlib.import_module(f"distill_compiler.stages.{name}")
+# Stage modules keep heavy imports inside run(), so importing them here stays light.
+STAGES: tuple[ModuleType, ...] = (generate, curate, train, export, evaluate, bundle)
+STAGE_NAMES = tuple(module.__name__.rsplit(".", 1)[-1] for module in STAGES)
 
 
 def default_stages() -> list[ModuleType]:
-    return [stage_module(name) for name in STAGES]
+    return list(STAGES)
 
 
 def stage_name(module: ModuleType) -> str:
@@ -107,18 +104,6 @@ class Project:
 
 # --------------------------------------------------------------------------- keys
 
-def section_values(spec: Spec, sections: tuple[str, ...]) -> dict[str, Any]:
-    """JSON-ready values of the sections, minus fields that cannot change a stage's output."""
-    dumped = spec.model_dump(mode="json", by_alias=True)
-    out = {}
-    for s in sections:
-        value = dumped[s]
-        if isinstance(value, dict) and s in spec_mod.NOT_KEYED:
-            value = {k: v for k, v in value.items() if k not in spec_mod.NOT_KEYED[s]}
-        out[s] = value
-    return out
-
-
 def external_digests(module: ModuleType, spec: Spec, spec_dir: Path) -> dict[str, str]:
     files = getattr(module, "external_files", None)
     if files is None:
@@ -128,7 +113,7 @@ def external_digests(module: ModuleType, spec: Spec, spec_dir: Path) -> dict[str
     for label, path in files(view, spec_dir).items():
         if not path.is_file():
             raise UsageError(f"{label}: file not found: {path}")
-        out[label] = file_sha256(path)
+        out[label] = sha256_file(path)
     return out
 
 
@@ -151,7 +136,7 @@ class StagePlan:
 
 def _describe(module: ModuleType, spec: Spec, project: Project,
               inputs: dict[str, str]) -> tuple[str, dict]:
-    sections = section_values(spec, module.KEYED_ON)
+    sections = keyed_values(spec, module.KEYED_ON)
     files = external_digests(module, spec, project.spec_dir)
     key = stage_key(stage_name(module), module.VERSION, sections, inputs, files)
     return key, {"key": key, "version": module.VERSION, "sections": sections,

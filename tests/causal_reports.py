@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import json
 
-from distill_compiler import cascade, evaluate_causal
-from distill_compiler.causal_data import points
-from distill_compiler.chat_format import ChatFormat, dumps
-from distill_compiler.runtime import POLICY_FORMAT
-from distill_compiler.spec import Spec
-from distill_compiler.structured_runtime import StructuredPolicy
 from tiny_causal import EXTRACT_SCHEMA, TOOLS, agent_record, extract_record
+
+from distill_compiler.metrics import cascade
+from distill_compiler.runtime.causal import CausalPolicy
+from distill_compiler.runtime.chat_format import ChatFormat, dumps
+from distill_compiler.spec.models import Spec
+from distill_compiler.students.causal import evaluate as evaluate_causal
+from distill_compiler.students.causal.data import points
 
 CHAT = ChatFormat()
 TEACHER = "openai/gpt-4o-mini"
@@ -80,7 +81,7 @@ def extract_answers(task_spec: Spec) -> tuple[list, list[dict], list[dict]]:
     return pts, answers, free
 
 
-def answered(policy: StructuredPolicy, pts, messages, confidence, tokens: int = 12,
+def answered(policy: CausalPolicy, pts, messages, confidence, tokens: int = 12,
              seconds: float = 0.06) -> list:
     """Answers routed by the runtime's policy; `tokens` and `seconds` are each answer's."""
     out = []
@@ -101,12 +102,12 @@ def build(task: str, description: str = "Answers order questions.") -> tuple[Spe
         for p, m in zip(pts, answers)])
     confidence = [0.95 - 0.01 * i if ok else 0.2 + 0.01 * i for i, ok in enumerate(right)]
 
-    unthresholded = StructuredPolicy(
-        evaluate_causal.policy_dict(task_spec, CHAT, POLICY_FORMAT, 0.0))
+    unthresholded = CausalPolicy(
+        evaluate_causal.policy_dict(task_spec, CHAT, 0.0))
     val = answered(unthresholded, pts, answers, confidence)
     fit = cascade.fit_threshold(confidence, right, [a.rule for a in val], TARGET_ACCURACY)
-    policy_data = evaluate_causal.policy_dict(task_spec, CHAT, POLICY_FORMAT, fit.threshold)
-    policy = StructuredPolicy(policy_data)
+    policy_data = evaluate_causal.policy_dict(task_spec, CHAT, fit.threshold)
+    policy = CausalPolicy(policy_data)
     test = answered(policy, pts, answers, confidence)
     # Unconstrained decoding skips the schema mask (faster) and rambles on (more tokens).
     unconstrained = answered(policy, pts, free, confidence, tokens=15, seconds=0.05)

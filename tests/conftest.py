@@ -18,11 +18,11 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from tiny_models import LABELS, build_tiny_encoder, classify_examples, write_splits  # noqa: E402
 
 from distill_compiler.artifacts import Artifact  # noqa: E402
 from distill_compiler.pipeline import SpecView, StageContext  # noqa: E402
-from distill_compiler.spec import Spec  # noqa: E402
-from tiny_models import LABELS, build_tiny_encoder, classify_examples, write_splits  # noqa: E402
+from distill_compiler.spec.models import Spec  # noqa: E402
 
 # Settings under which the tiny encoder learns the fixture classes in a couple of seconds.
 TINY_STUDENT = {"epochs": 6, "learning_rate": 1e-3, "batch_size": 8, "max_length": 32,

@@ -89,7 +89,7 @@ def write_causal_splits(root: Path, task: str, train: Iterable[int], val: Iterab
 
 def fixture_chat_text() -> list[str]:
     """Rendered fixture conversations: what the tokenizer is trained on."""
-    from distill_compiler.chat_format import ChatFormat
+    from distill_compiler.runtime.chat_format import ChatFormat
 
     chat = ChatFormat()
     system = chat.system_text("Fixture shop assistant.", TOOLS)
@@ -113,7 +113,7 @@ def build_chat_tokenizer(texts: Sequence[str], vocab_size: int = 400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from distill_compiler.chat_format import ChatFormat
+    from distill_compiler.runtime.chat_format import ChatFormat
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -149,7 +149,7 @@ def build_tiny_llama(path: Path, texts: Sequence[str] | None = None, hidden: int
 
 def causal_spec(task: str, **sections):
     """An agent (fixture TOOLS) or extract (EXTRACT_SCHEMA) spec; keywords replace sections."""
-    from distill_compiler.spec import Spec
+    from distill_compiler.spec.models import Spec
 
     data = {"name": "tiny", "task": task, "teacher": {"logs": ["log.jsonl"]}}
     if task == "agent":
@@ -165,10 +165,10 @@ def train_tiny_causal(root: Path, train_ids: Sequence[int], steps: int = 100,
     extractions `train_ids`, both rendered under causal_spec: a plain causal-LM loop over whole
     conversations, long enough that greedy outputs follow the fixtures."""
     import torch
-
-    from distill_compiler.causal_data import conversation
-    from distill_compiler.chat_format import ChatFormat
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill_compiler.runtime.chat_format import ChatFormat
+    from distill_compiler.students.causal.data import conversation
 
     chat = ChatFormat()
     texts = [chat.render(conversation(make(i), causal_spec(task), chat))

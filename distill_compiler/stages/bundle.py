@@ -13,20 +13,28 @@ import shutil
 from dataclasses import dataclass
 from importlib import metadata
 
-from .. import spec as spec_mod
-from ..artifacts import file_sha256
 from ..errors import StageError
+from ..runtime.format import (
+    CARD_FILE,
+    DECODER_FILES,
+    DECODER_TASKS,
+    HTML_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    POLICY_FILE,
+    REPORT_FILE,
+    TOKENIZER_FILE,
+    bundle_files,
+    manifest_dict,
+    sha256_file,
+)
+from ..spec.models import keyed_values
 
 VERSION = "2"
 KIND = "bundle"
 KEYED_ON = ("name", "task", "description", "input", "output", "intents", "tools", "scenarios",
             "refusals", "escalation", "teacher", "data", "student", "export", "gates")
 INPUTS = ("generate", "curate", "train", "export", "evaluate")
-MANIFEST_FORMAT = 1
-FILES = ("model.onnx", "tokenizer.json", "policy.json", "report.json", "MODEL_CARD.md",
-         "report.html")
-# What a decoder bundle adds: the chat format its prompts use and how to drive the KV-cache graph.
-DECODER_FILES = ("chat.json", "decoder.json")
 RUNTIME_PACKAGES = ("onnxruntime", "tokenizers", "numpy", "jsonschema")
 
 
@@ -91,15 +99,12 @@ def run(ctx) -> dict:
     check_gates(gates)
 
     files = bundle_files(spec.task)
-    copied = ("model.onnx", "tokenizer.json") + (DECODER_FILES if spec.task != "classify" else ())
-    for name in copied:
+    shipped = (MODEL_FILE, TOKENIZER_FILE) + (DECODER_FILES if spec.task in DECODER_TASKS else ())
+    for name in shipped:
         shutil.copyfile(path["export"] / name, ctx.out / name)
-    policy = read_input(path, "evaluate", "policy.json")
-    # Where escalations go; the key stays in the environment variable it names.
-    policy["teacher"] = {"model": spec.teacher.model, "api_base": spec.teacher.api_base,
-                         "api_key_env": spec.teacher.api_key_env}
-    # Key order kept: output and tool schemas list properties in the order the student emits.
-    write_json(ctx.out / "policy.json", policy, sort_keys=False)
+    # evaluate is policy.json's one writer; the bundle ships it as written.
+    shutil.copyfile(path["evaluate"] / POLICY_FILE, ctx.out / POLICY_FILE)
+    policy = read_input(path, "evaluate", POLICY_FILE)
 
     train_log = read_input(path, "train", "train_log.json")
     parity = read_input(path, "export", "parity.json")
@@ -112,46 +117,27 @@ def run(ctx) -> dict:
         "parity": parity,
         "generate": read_input(path, "generate", "stats.json"),
     }
-    write_json(ctx.out / "report.json", report)
+    write_json(ctx.out / REPORT_FILE, report)
 
-    from .. import model_card, report_html  # only the bundle stage renders these
-    (ctx.out / "MODEL_CARD.md").write_text(model_card.render(spec, policy, report),
-                                           encoding="utf-8")
-    (ctx.out / "report.html").write_text(report_html.render(report, spec.name, spec.description),
-                                         encoding="utf-8")
+    from ..report import html, model_card  # only the bundle stage renders these
+    (ctx.out / CARD_FILE).write_text(model_card.render(spec, policy, report), encoding="utf-8")
+    (ctx.out / HTML_FILE).write_text(html.render(report, spec.name, spec.description),
+                                     encoding="utf-8")
 
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "name": spec.name,
-        "task": spec.task,
-        "spec_sha256": spec_sha256(spec, KEYED_ON),
-        "files": {name: file_sha256(ctx.out / name) for name in files},
-        "versions": versions(train_log, parity),
-        "created_from": {name: artifact.digest for name, artifact in sorted(ctx.inputs.items())},
-    }
-    write_json(ctx.out / "manifest.json", manifest)
+    manifest = manifest_dict(
+        spec.name, spec.task, spec_sha256(keyed_values(spec, KEYED_ON)),
+        {name: sha256_file(ctx.out / name) for name in files}, versions(train_log, parity),
+        {name: artifact.digest for name, artifact in sorted(ctx.inputs.items())})
+    write_json(ctx.out / MANIFEST_FILE, manifest)
     cascade = metrics["cascade"]["test"]
-    return {"files": len(files) + 1, "model_bytes": (ctx.out / "model.onnx").stat().st_size,
+    return {"files": len(files) + 1, "model_bytes": (ctx.out / MODEL_FILE).stat().st_size,
             "agreement": metrics["test"]["agreement"],
             "escalation_rate": cascade["escalation_rate"],
             "gates": {g.name: g.passed for g in gates}}
 
 
-def bundle_files(task: str) -> tuple[str, ...]:
-    """Every file the manifest lists for a bundle of this task."""
-    return FILES if task == "classify" else FILES + DECODER_FILES
-
-
-def spec_sha256(spec, sections: tuple[str, ...]) -> str:
-    """sha256 of the canonical JSON of the spec sections, minus fields that never change output."""
-    from pydantic_core import to_jsonable_python
-
-    values = {}
-    for section in sections:
-        value = to_jsonable_python(getattr(spec, section), by_alias=True)
-        if isinstance(value, dict) and section in spec_mod.NOT_KEYED:
-            value = {k: v for k, v in value.items() if k not in spec_mod.NOT_KEYED[section]}
-        values[section] = value
+def spec_sha256(values: dict) -> str:
+    """sha256 of the canonical JSON of the spec sections the bundle is keyed on."""
     canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -28,7 +28,7 @@ SHINGLE = 5  # characters per MinHash shingle: robust on short messages, unlike 
 
 
 def run(ctx) -> dict:
-    from .. import records
+    from ..data import records
 
     spec = ctx.spec
     generated = list(records.read_jsonl(ctx.inputs["generate"].file("examples.jsonl")))
@@ -50,11 +50,11 @@ def run(ctx) -> dict:
     splits = split(kept, spec.data.holdout, spec.data.seed, stratum(spec.task))
     if "noise" in spec.data.registers and spec.task == "classify":
         splits["train"] += noise_copies(splits["train"], max(1, spec.data.noise_copies),
-                                        spec.data.seed, records.text_field(spec.input.schema_))
+                                        spec.data.seed, records.message_field(spec.input.schema_))
     for name, part in splits.items():
         records.write_jsonl(ctx.out / f"{name}.jsonl", sorted(part, key=lambda r: r["id"]))
     if spec.task == "classify":
-        from ..spec import class_labels
+        from ..spec.models import class_labels
 
         present = {r["target"] for r in splits["train"]}
         labels = [label for label in class_labels(spec.intents, spec.refusals) if label in present]
@@ -102,8 +102,8 @@ class Report:
 
 def scrub(examples: list[dict], report: Report, targets: bool) -> list[dict]:
     """Scrub inputs and traces, and targets too unless they are labels."""
-    from .. import records
-    from ..pii import scrub_value
+    from ..data import records
+    from ..data.pii import scrub_value
 
     out = []
     for record in examples:
@@ -125,7 +125,7 @@ class Validator:
     """The first rule an example breaks, as (rule, detail), or None."""
 
     def __init__(self, spec):
-        from ..spec import class_labels
+        from ..spec.models import class_labels
 
         self.task = spec.task
         self.input = _validator(spec.input.schema_)
@@ -261,8 +261,8 @@ def split(examples: list[dict], holdout: float, seed: int, key) -> dict[str, lis
 
 
 def noise_copies(train: list[dict], copies: int, seed: int, field: str | None) -> list[dict]:
-    from .. import records
-    from ..augment import copy_rng, noisy
+    from ..data import records
+    from ..data.augment import copy_rng, noisy
 
     if field is None:
         return []

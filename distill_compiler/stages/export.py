@@ -11,13 +11,15 @@ INPUTS = ("train", "curate")
 
 
 def run(ctx) -> dict:
-    if ctx.spec.task in ("extract", "agent"):
-        from ..export_causal import export_causal  # torch and onnxruntime load only here
+    train, splits = ctx.inputs["train"].path, ctx.inputs["curate"].path
+    if ctx.spec.task == "classify":
+        from ..runtime.format import text_field_of
+        from ..students.classifier.export import (
+            export_classifier,  # torch loads only here
+        )
 
-        return export_causal(ctx.inputs["train"].path, ctx.inputs["curate"].path, ctx.out,
-                             ctx.spec, ctx.reporter)
-    from ..export_classifier import export_classifier
-    from ..runtime import text_field_of
+        return export_classifier(train, splits, ctx.out, ctx.spec.export,
+                                 text_field_of(ctx.spec.input.schema_), ctx.reporter)
+    from ..students.causal.export import export_causal  # torch loads only here
 
-    return export_classifier(ctx.inputs["train"].path, ctx.inputs["curate"].path, ctx.out,
-                             ctx.spec.export, text_field_of(ctx.spec.input.schema_), ctx.reporter)
+    return export_causal(train, splits, ctx.out, ctx.spec, ctx.reporter)

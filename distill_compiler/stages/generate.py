@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DistillError, StageError
-from ..spec import wants_generation
+from ..spec.models import wants_generation
 
 VERSION = "1"
 KIND = "examples"
@@ -45,8 +45,8 @@ def external_files(spec, spec_dir: Path) -> dict[str, Path]:
 
 
 def run(ctx) -> dict:
-    from .. import records
-    from ..logs import LogReader
+    from ..data import records
+    from ..teacher.logs import LogReader
 
     spec = ctx.spec
     examples = LogReader(spec, ctx.spec_dir).replay(spec.teacher.logs)
@@ -73,9 +73,9 @@ def run(ctx) -> dict:
 
 
 async def _generate(ctx):
-    from ..prompts import Prompts
-    from ..teacher import BudgetExhausted, Teacher
-    from ..teacher_cache import RequestCache
+    from ..teacher.cache import RequestCache
+    from ..teacher.client import BudgetExhausted, Teacher
+    from ..teacher.prompts import Prompts
 
     spec = ctx.spec
     templates = ctx.spec_dir / spec.teacher.templates if spec.teacher.templates else None
@@ -151,7 +151,7 @@ def spread(count: int, cohort: str, template: str, variables: dict, intended: st
     Input i goes to register i % R as its (i // R)-th input, so growing `count` only extends
     each register's list: earlier batches keep their prompts (and their cache entries).
     """
-    from ..prompts import register_style
+    from ..teacher.prompts import register_style
 
     asks = []
     for r, (register, language) in enumerate(regs):
@@ -207,15 +207,15 @@ def seeds(spec) -> list[Seed]:
 
 class Generator:
     def __init__(self, spec, teacher, prompts):
-        from .. import records
-        from ..spec import OUT_OF_SCOPE, class_labels
+        from ..data import records
+        from ..spec.models import OUT_OF_SCOPE, class_labels
 
         self.spec, self.teacher, self.prompts = spec, teacher, prompts
         self.labels = class_labels(spec.intents, spec.refusals)
         self.label_help = ([{"name": i.name, "description": i.description} for i in spec.intents]
                            + [{"name": r.name, "description": r.description} for r in spec.refusals]
                            + [{"name": OUT_OF_SCOPE, "description": "none of the above"}])
-        self.field = records.text_field(spec.input.schema_)
+        self.field = records.message_field(spec.input.schema_)
         self.rejected: Counter[str] = Counter()
         self.progress = lambda n=1: None
 
@@ -237,7 +237,7 @@ class Generator:
         return out
 
     async def ask(self, ask: Ask) -> list[dict]:
-        from ..teacher import BadReply, Request, json_schema_format, parse_json
+        from ..teacher.client import BadReply, Request, json_schema_format, parse_json
 
         schema = {"type": "object", "required": ["items"], "properties": {"items": {
             "type": "array", "items": {"type": "string", "minLength": 1},
@@ -259,7 +259,7 @@ class Generator:
 
     async def answer(self, text: str, cohort: str, intended: str | None,
                      generated_by: str | None = None) -> dict:
-        from .. import records
+        from ..data import records
 
         text = text.strip()
         input = {self.field: text}
@@ -276,8 +276,13 @@ class Generator:
 
     async def label(self, text: str):
         """The teacher's label and soft distribution (see teacher.label_distribution)."""
-        from ..teacher import (Request, label_distribution, label_of, majority,
-                               vote_distribution)
+        from ..teacher.client import Request
+        from ..teacher.labels import (
+            label_distribution,
+            label_of,
+            majority,
+            vote_distribution,
+        )
 
         teacher_cfg = self.spec.teacher
         messages = self.prompts.chat("label", "message", description=self.spec.description,
@@ -302,7 +307,7 @@ class Generator:
         return majority(soft, self.labels) or chosen, soft, replies
 
     async def extract(self, text: str):
-        from ..teacher import BadReply, Request, json_schema_format, parse_json
+        from ..teacher.client import BadReply, Request, json_schema_format, parse_json
 
         schema = self.spec.output.schema_
         reply = await self.teacher.complete(Request(
@@ -320,8 +325,8 @@ class Generator:
     async def conversation(self, scenario, index: int) -> dict | None:
         """One multi-turn trace: the teacher plays the user, the agent (with the spec's
         tools) and, where a tool lists no `results`, the tool itself."""
-        from .. import records
-        from ..teacher import Request
+        from ..data import records
+        from ..teacher.client import Request
 
         tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                     "parameters": t.parameters}}
@@ -365,8 +370,8 @@ class Generator:
                                source="teacher", provenance=provenance)
 
     async def tool_result(self, call: dict, replies: list) -> str:
-        from .. import records
-        from ..teacher import BadReply, Request, json_schema_format, parse_json
+        from ..data import records
+        from ..teacher.client import BadReply, Request, json_schema_format, parse_json
 
         tool = next((t for t in self.spec.tools if t.name == call["function"]["name"]), None)
         if tool is None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from cli_runner import cli
 from tiny_causal import EXTRACT_SCHEMA, TOOLS, agent_trace, extraction
 

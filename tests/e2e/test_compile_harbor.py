@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from distill_compiler import pipeline
-from distill_compiler.spec import load_spec
 from cli_runner import cli
 from tiny_models import build_tiny_encoder
+
+from distill_compiler import pipeline
+from distill_compiler.spec.load import load_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,7 @@ def test_bundle_has_exactly_the_promised_files(build):
     root, _ = build
     assert {p.name for p in (root / "build" / "bundle").iterdir()} == BUNDLE_FILES
     lock = json.loads((root / "build" / "distill.lock").read_text())
-    assert set(lock) == set(pipeline.STAGES)
+    assert set(lock) == set(pipeline.STAGE_NAMES)
 
 
 def test_runtime_answers_route_and_validate(build):

@@ -6,23 +6,25 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import jsonschema
 import pytest
 
-from distill_compiler.causal_data import points
-from distill_compiler.chat_format import ChatFormat
-from distill_compiler.enforceable import check_schema
-from distill_compiler.logs import LogReader
-from distill_compiler.spec import load_spec
+from distill_compiler.runtime.chat_format import ChatFormat
+from distill_compiler.runtime.enforceable import check_schema
+from distill_compiler.spec.load import load_spec
 from distill_compiler.stages.curate import Validator
+from distill_compiler.students.causal.data import points
+from distill_compiler.teacher.logs import LogReader
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_benchmark(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: harness beside it
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

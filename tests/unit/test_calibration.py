@@ -1,8 +1,12 @@
 import numpy as np
 import pytest
 
-from distill_compiler.calibration import (
-    expected_calibration_error, fit_temperature, nll, reliability_bins)
+from distill_compiler.metrics.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability_bins,
+)
 
 
 def sample_calibrated(n, k, rng, scale=3.0):

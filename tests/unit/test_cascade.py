@@ -1,7 +1,11 @@
 import pytest
 
-from distill_compiler.cascade import (
-    ESCALATE_ALL, cascade_report, coverage_curve, fit_threshold)
+from distill_compiler.metrics.cascade import (
+    ESCALATE_ALL,
+    cascade_report,
+    coverage_curve,
+    fit_threshold,
+)
 
 
 def test_threshold_is_the_lowest_confidence_reaching_the_target():
@@ -51,7 +55,9 @@ def test_cascade_report_on_test_traffic():
     predicted = ["a", "b", "a", "r", "b"]
     target = ["a", "a", "b", "r", "b"]
     gold = ["a", "a", "a", None, None]
-    report = cascade_report(routes, rules, predicted, target, gold, teacher_cost_per_request=0.002)
+    agrees = [p == t for p, t in zip(predicted, target)]
+    against_gold = [None if g is None else (p == g, t == g) for p, t, g in zip(predicted, target, gold)]
+    report = cascade_report(routes, rules, agrees, teacher_cost_per_request=0.002, gold=against_gold)
     assert report["escalation_rate"] == pytest.approx(0.4)
     assert report["escalations_by_rule"] == {"low_confidence": 1, "trigger": 1}
     assert report["accepted_accuracy"] == pytest.approx(2 / 3)
@@ -61,6 +67,6 @@ def test_cascade_report_on_test_traffic():
     assert report["end_to_end_accuracy_gold"] == pytest.approx(1 / 3)
     assert report["cost"]["cascade_usd_per_1k"] == pytest.approx(0.8)
     assert report["cost"]["all_teacher_usd_per_1k"] == pytest.approx(2.0)
-    unknown = cascade_report(routes, rules, predicted, target, gold, None)["cost"]
+    unknown = cascade_report(routes, rules, agrees, None)["cost"]
     assert unknown["teacher_cost_known"] is False and unknown["all_teacher_usd_per_1k"] == 0.0
     assert unknown["teacher_calls_per_1k"] == pytest.approx(400)

@@ -4,11 +4,17 @@ constrained decoding emits it, and parse() inverts the assistant body."""
 import json
 
 import pytest
-
-from distill_compiler.chat_format import (CALL_CLOSE, CALL_OPEN, ChatFormat, call_schema, order_like,
-                                          render_call)
-from distill_compiler.constrained import JsonConstraint, byte_level_vocab
 from tiny_causal import TOOLS, agent_trace, build_chat_tokenizer, fixture_chat_text
+
+from distill_compiler.runtime.chat_format import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    ChatFormat,
+    call_schema,
+    order_like,
+    render_call,
+)
+from distill_compiler.runtime.constrained import JsonConstraint, byte_level_vocab
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,7 @@ def test_call_schema_is_one_branch_per_tool():
 
 
 def test_tools_are_offered_as_compact_signatures():
-    from distill_compiler.chat_format import signature
+    from distill_compiler.runtime.chat_format import signature
 
     assert signature(TOOLS[1]) == \
         'cancel_order(order_id: string, reason: "changed_mind" | "too_late" | "other")'

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from distill_compiler.constrained import (
+from distill_compiler.runtime.constrained import (
     JsonConstraint,
     SchemaNotEnforceable,
     Vocabulary,
@@ -399,7 +399,7 @@ def test_constraint_refuses_an_unenforceable_schema_listing_every_problem():
 def test_sentencepiece_vocabularies_map_spaces_and_byte_fallback():
     """Gemma-style vocabularies: `▁` is a space and `<0xNN>` a raw byte; both kinds of
     vocabulary are told apart by the byte-fallback tokens."""
-    from distill_compiler.constrained import sentencepiece_vocab, token_bytes
+    from distill_compiler.runtime.constrained import sentencepiece_vocab, token_bytes
 
     vocab = {"<pad>": 0, "<eos>": 1, "▁the": 2, "{\"": 3, **{f"<0x{b:02X}>": 4 + b for b in range(256)}}
     tokens = sentencepiece_vocab(vocab, ["<pad>", "<eos>"])

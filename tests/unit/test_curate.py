@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from distill_compiler import records
 from distill_compiler.artifacts import Artifact
-from distill_compiler.augment import copy_rng, noisy
+from distill_compiler.data import records
+from distill_compiler.data.augment import copy_rng, noisy
+from distill_compiler.data.pii import iban_ok, luhn_ok, scrub
 from distill_compiler.errors import StageError
-from distill_compiler.pii import iban_ok, luhn_ok, scrub
 from distill_compiler.pipeline import SpecView, StageContext
-from distill_compiler.spec import parse_spec
+from distill_compiler.spec.load import parse_spec
 from distill_compiler.stages import curate
 
 SPEC = """

@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cli_runner import cli
 
-from distill_compiler import diff
 from distill_compiler.errors import UsageError
+from distill_compiler.report import diff
 
 
 def report(agreement, escalation, ece, p50, size, f1: dict, gates=()) -> dict:

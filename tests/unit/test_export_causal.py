@@ -4,14 +4,20 @@ import onnxruntime as ort
 import pytest
 from tiny_causal import agent_record, causal_spec, extract_record
 
-from distill_compiler.chat_format import ChatFormat
+from distill_compiler.data.records import read_jsonl
 from distill_compiler.errors import StageError
-from distill_compiler.export_causal import (Parity, check_parity, fit_context, measure_parity,
-                                            parity_prompts, torch_greedy)
-from distill_compiler.generation import Decoder, DecoderSpec
-from distill_compiler.quantize import quantize
-from distill_compiler.records import read_jsonl
+from distill_compiler.runtime.chat_format import ChatFormat
+from distill_compiler.runtime.decoder import Decoder, DecoderSpec
 from distill_compiler.stages import export
+from distill_compiler.students.causal.export import (
+    Parity,
+    check_parity,
+    fit_context,
+    measure_parity,
+    parity_prompts,
+    torch_greedy,
+)
+from distill_compiler.students.quantize import quantize
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from conftest import TINY_STUDENT, stage_context, tiny_spec
 from tiny_models import LABELS, classify_examples
 
 from distill_compiler.errors import StageError
-from distill_compiler.export_classifier import Parity, check_parity
-from distill_compiler.quantize import head_nodes
 from distill_compiler.stages import export
-from distill_compiler.students import PooledClassifier
+from distill_compiler.students.classifier.export import Parity, check_parity
+from distill_compiler.students.classifier.model import PooledClassifier
+from distill_compiler.students.quantize import head_nodes
 
 
 def torch_logits(checkpoint, texts):

@@ -8,15 +8,16 @@ import uuid
 from pathlib import Path
 
 import pytest
+from teacher_server import (
+    FakeTeacher,  # tests/ is on sys.path (conftest.py lives there)
+)
 
-from teacher_server import FakeTeacher  # tests/ is on sys.path (conftest.py lives there)
-
-from distill_compiler import teacher as teacher_mod
 from distill_compiler.artifacts import Artifact
 from distill_compiler.errors import StageError
 from distill_compiler.pipeline import SpecView, StageContext
-from distill_compiler.spec import parse_spec
+from distill_compiler.spec.load import parse_spec
 from distill_compiler.stages import curate, generate
+from distill_compiler.teacher import client as teacher_mod
 
 REPO = Path(__file__).resolve().parents[2]
 BANKING77 = Path("/work/shared/datasets/banking77/banking_data/train.csv")

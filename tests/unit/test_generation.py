@@ -1,4 +1,3 @@
-import ast
 import json
 import shutil
 import subprocess
@@ -10,10 +9,10 @@ import numpy as np
 import pytest
 from tiny_causal import EXTRACT_SCHEMA, TOOLS, agent_record, causal_spec, extract_record
 
-from distill_compiler import generation
-from distill_compiler.causal_data import points
-from distill_compiler.chat_format import CALL_OPEN, ChatFormat
-from distill_compiler.generation import Agent, Decoder, Extract
+from distill_compiler.runtime import decoder as generation
+from distill_compiler.runtime.chat_format import CALL_OPEN, ChatFormat
+from distill_compiler.runtime.decoder import Agent, Decoder, Extract
+from distill_compiler.students.causal.data import points
 
 CHAT = ChatFormat()
 # The fixture schema with its one free string bounded, so that even random weights finish.
@@ -146,7 +145,7 @@ def test_decoder_json_round_trip_and_format_check(exported_causal, tmp_path):
 def test_generation_imports_no_torch(exported_causal):
     code = (
         "import sys, json\n"
-        "from distill_compiler.generation import Decoder, Extract\n"
+        "from distill_compiler.runtime.decoder import Decoder, Extract\n"
         f"d = Decoder({str(exported_causal)!r})\n"
         f"c = d.complete({prompts('extract', [50])[0]!r}, Extract({EXTRACT_SCHEMA!r}), 64)\n"
         "json.loads(c.message['content'])\n"
@@ -154,13 +153,3 @@ def test_generation_imports_no_torch(exported_causal):
         "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-
-
-def test_generation_is_a_leaf_module():
-    tree = ast.parse(Path(generation.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module != "__future__"}
-    assert imported <= {"json", "time", "collections.abc", "dataclasses", "pathlib", "numpy",
-                        "onnxruntime", "tokenizers", "chat_format", "constrained"}, imported

@@ -4,7 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_compiler.kd_loss import distillation_loss, soft_targets, soften
+from distill_compiler.students.classifier.kd_loss import (
+    distillation_loss,
+    soft_targets,
+    soften,
+)
 
 
 @pytest.fixture

@@ -1,7 +1,11 @@
 import pytest
 
-from distill_compiler.metrics import (
-    classification_report, confused_pairs, per_cohort, per_label)
+from distill_compiler.metrics.classify import (
+    classification_report,
+    confused_pairs,
+    per_cohort,
+    per_label,
+)
 
 TARGET = ["a", "a", "a", "b", "b", "c"]
 PRED = ["a", "a", "b", "b", "a", "a"]

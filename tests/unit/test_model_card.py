@@ -4,9 +4,9 @@ nothing of a classifier's card (labels, calibration)."""
 from __future__ import annotations
 
 import pytest
-
 from causal_reports import build
-from distill_compiler import model_card
+
+from distill_compiler.report import model_card
 
 SECTIONS = ("## Intended use", "## Data", "## Model", "## Metrics", "## Cascade", "## Speed",
             "## Limitations")

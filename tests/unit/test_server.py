@@ -18,9 +18,9 @@ import pytest
 from teacher_server import FakeTeacher
 from test_runtime import policy, write_bundle
 
-from distill_compiler.logs import LogReader
-from distill_compiler.server import Limits, build_service, listen, uvicorn_server
-from distill_compiler.spec import Spec
+from distill_compiler.serve.server import Limits, build_service, listen, uvicorn_server
+from distill_compiler.spec.models import Spec
+from distill_compiler.teacher.logs import LogReader
 
 KEY_ENV = "FAKE_TEACHER_KEY"
 KEYWORDS = {"billing": ["charged", "invoice"], "technical_bug": ["crash"]}

@@ -64,7 +64,7 @@ def test_json_schema_accepts_reference_specs_and_carries_docs():
     schema = spec_mod.json_schema()
     for path in ROOT.glob("specs/*.yaml"):
         jsonschema.validate(yaml.safe_load(path.read_text()), schema)
-    teacher = schema["$defs"]["Teacher"]["properties"]
+    teacher = schema["$defs"]["TeacherSpec"]["properties"]
     assert "litellm" in teacher["model"]["description"]
 
 

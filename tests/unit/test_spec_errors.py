@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distill_compiler.errors import SpecError
-from distill_compiler.spec import load_spec
+from distill_compiler.spec.load import load_spec
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "spec_errors"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.yaml"))

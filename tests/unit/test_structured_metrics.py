@@ -2,9 +2,19 @@ import json
 
 import pytest
 
-from distill_compiler.structured_metrics import (
-    MALFORMED, agent_report, calls_of, canonical, extract_report, extraction_agrees, leaves,
-    parse_json, score_turn, token_f1, turn_agrees)
+from distill_compiler.metrics.structured import (
+    MALFORMED,
+    agent_report,
+    calls_of,
+    canonical,
+    extract_report,
+    extraction_agrees,
+    leaves,
+    parse_json,
+    score_turn,
+    token_f1,
+    turn_agrees,
+)
 
 WEATHER = {"name": "get_weather", "description": "Weather for a city.",
            "parameters": {"type": "object",

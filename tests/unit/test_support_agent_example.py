@@ -13,12 +13,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from distill_compiler import causal_data
-from distill_compiler.chat_format import ChatFormat
-from distill_compiler.constrained import check_schema
-from distill_compiler.logs import LogReader
-from distill_compiler.spec import load_spec
+from distill_compiler.runtime.chat_format import ChatFormat
+from distill_compiler.runtime.constrained import check_schema
+from distill_compiler.spec.load import load_spec
 from distill_compiler.stages.curate import Validator
+from distill_compiler.students.causal import data as causal_data
+from distill_compiler.teacher.logs import LogReader
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "support-agent"
 ORDER_ID = re.compile(r"^HB-\d{5}$")

@@ -8,16 +8,26 @@ import sqlite3
 import time
 
 import pytest
+from teacher_server import (
+    FakeTeacher,  # tests/ is on sys.path (conftest.py lives there)
+)
 
-from teacher_server import FakeTeacher  # tests/ is on sys.path (conftest.py lives there)
-
-from distill_compiler import teacher as teacher_mod
 from distill_compiler.errors import StageError
-from distill_compiler.spec import Teacher as TeacherConfig
-from distill_compiler.teacher import (
-    BadReply, Request, Teacher, json_schema_format, label_distribution, label_of, parse_json,
-    vote_distribution)
-from distill_compiler.teacher_cache import RequestCache, request_key
+from distill_compiler.spec.models import TeacherSpec as TeacherConfig
+from distill_compiler.teacher import client as teacher_mod
+from distill_compiler.teacher.cache import RequestCache, request_key
+from distill_compiler.teacher.client import (
+    BadReply,
+    Request,
+    Teacher,
+    json_schema_format,
+    parse_json,
+)
+from distill_compiler.teacher.labels import (
+    label_distribution,
+    label_of,
+    vote_distribution,
+)
 
 LABELS = ("billing", "refund", "out_of_scope")
 SYSTEM = "Labels:\n- billing: money\n- refund: back\n- out_of_scope: none"

@@ -10,16 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import stage_context
-from tiny_causal import (EXTRACT_SCHEMA, TOOLS, agent_record, build_tiny_llama, extract_record,
-                         fixture_chat_text, write_causal_splits)
+from tiny_causal import (
+    EXTRACT_SCHEMA,
+    TOOLS,
+    agent_record,
+    build_tiny_llama,
+    extract_record,
+    fixture_chat_text,
+    write_causal_splits,
+)
 
-from distill_compiler import causal_base, train_causal
-from distill_compiler.causal_data import conversation, points
-from distill_compiler.chat_format import ChatFormat
 from distill_compiler.errors import StageError
 from distill_compiler.pipeline import Reporter
-from distill_compiler.spec import Spec
+from distill_compiler.runtime.chat_format import ChatFormat
+from distill_compiler.spec.models import Spec
 from distill_compiler.stages import train
+from distill_compiler.students.causal import base as causal_base
+from distill_compiler.students.causal import train as train_causal
+from distill_compiler.students.causal.data import conversation, points
 
 # Settings under which the tiny decoder memorises two conversations in a few seconds.
 MEMORISE = {"epochs": 80, "learning_rate": 1e-2, "batch_size": 2, "max_length": 512,
@@ -254,7 +262,7 @@ def test_gkd_rejects_a_teacher_with_another_vocabulary(tmp_path, tiny_teacher):
 @pytest.mark.parametrize("task, trainer", [("classify", "train_classifier"),
                                            ("agent", "train_causal"), ("extract", "train_causal")])
 def test_stage_dispatches_by_task(tmp_path, monkeypatch, task, trainer):
-    from distill_compiler import train_classifier
+    from distill_compiler.students.classifier import train as train_classifier
 
     calls = []
     for module, name in ((train_classifier, "train_classifier"), (train_causal, "train_causal")):

@@ -7,9 +7,18 @@ from tiny_models import LABELS, classify_examples
 
 from distill_compiler.errors import StageError
 from distill_compiler.stages import train
-from distill_compiler.students import load_student, masked_mean, resolve_base
-from distill_compiler.train_classifier import (PROBE_L2, agreement, predict_logits, probe,
-                                               read_splits)
+from distill_compiler.students.classifier.model import (
+    load_student,
+    masked_mean,
+    resolve_base,
+)
+from distill_compiler.students.classifier.train import (
+    PROBE_L2,
+    agreement,
+    predict_logits,
+    probe,
+    read_splits,
+)
 
 
 def run_train(out, splits, tiny_encoder_dir, **student):
@@ -104,7 +113,7 @@ def test_soft_labels_are_read_over_the_label_set(tmp_path, make_splits, tiny_enc
     train_pairs = classify_examples(4)
     soft = {text: {"billing": 0.5, "password_reset": 0.5} for text, _ in train_pairs}
     splits = make_splits(train_pairs, classify_examples(2, offset=4), labels=LABELS, soft=soft)
-    from distill_compiler.train_classifier import Split
+    from distill_compiler.students.classifier.train import Split
 
     rows = Split.read(splits / "train.jsonl", list(LABELS), "message").soft
     assert rows[:, :2].eq(0.5).all() and rows[:, 2].eq(0).all()

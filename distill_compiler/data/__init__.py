@@ -1,0 +1,6 @@
+"""The example record and what is done to examples before training.
+
+    records  the record generate and curate pass on, and its JSONL files
+    pii      PII scrubbing with checksummed matches
+    augment  deterministic typing noise for extra training copies
+"""

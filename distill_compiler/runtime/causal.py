@@ -1,0 +1,214 @@
+"""The edge runtime for extract and agent bundles: a decoder student that answers in JSON or calls
+tools, and the policy that routes its answers.
+
+The compiler's evaluation answers through this policy and the decoder, so it fits the threshold
+on exactly what this file applies, and the student's training prompts are built from the same
+chat format (`ChatFormat.system_text`, `user_text`).
+
+    bundle = load_bundle("build/support-agent/bundle")
+    bundle.predict({"messages": [{"role": "user", "content": "where is HB-10234?"}]})
+    # {"output": {"role": "assistant", "content": None, "tool_calls": [{"type": "function",
+    #   "function": {"name": "get_order", "arguments": "{\"order_id\": \"HB-10234\"}"}}]},
+    #  "confidence": 0.91, "route": "student", "reason": "confidence 0.91 >= 0.40"}
+
+The tool-calling loop belongs to the host: it runs each call, appends the assistant message
+and a `{"role": "tool", "content": ...}` message per call, and asks again. Extract requests
+are the input object (`{"message": "..."}`); the output is the extracted JSON object.
+
+Routes, first match wins: a trigger on the request's text sends it to the teacher; an output
+cut short by max_new_tokens goes to the teacher; an agent reply equal to a refusal's response
+is a refusal; a confidence under the threshold goes to the teacher; the rest is the student's.
+Every extraction and every tool call the student emits validates against its schema, because
+decoding was constrained to it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from .chat_format import ChatFormat, user_text
+from .format import (
+    DECODER_TASKS,
+    POLICY_FILE,
+    POLICY_FORMAT,
+    BundleError,
+    InputError,
+    check_inputs,
+    read_triggers,
+)
+
+# What an agent request looks like: OpenAI chat messages, optionally naming the tools offered.
+AGENT_INPUT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "properties": {"role": {"enum": ["system", "user", "assistant", "tool"]},
+                           "content": {"type": ["string", "null"]},
+                           "tool_calls": {"type": "array"}},
+            "required": ["role"]}},
+        "tools": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["messages"],
+}
+
+
+@dataclass(frozen=True)
+class Routed:
+    confidence: float
+    route: str   # "student" | "teacher" | "refusal"
+    reason: str
+    rule: str    # trigger | truncated | refusal | low_confidence | confident
+
+
+class CausalPolicy:
+    """policy.json of an extract or agent bundle."""
+
+    def __init__(self, data: dict):
+        if data.get("format") != POLICY_FORMAT:
+            raise BundleError(f"{POLICY_FILE}: format {data.get('format')!r} is not supported "
+                              f"(this runtime reads format {POLICY_FORMAT})")
+        if data.get("task") not in DECODER_TASKS:
+            raise BundleError(f"{POLICY_FILE}: task {data.get('task')!r} is not extract or agent")
+        try:
+            self.task: str = data["task"]
+            self.chat = ChatFormat.from_dict(data["chat"])
+            self.description: str = data.get("description", "")
+            self.tools: list[dict] = list(data.get("tools", ()))
+            self.output_schema: dict | None = data.get("output_schema")
+            self.input_schema: dict = data.get("input_schema") or AGENT_INPUT_SCHEMA
+            self.text_field: str | None = data.get("text_field")
+            self.max_new_tokens = int(data["max_new_tokens"])
+            self.threshold = float(data.get("threshold", 0.0))
+            self.refusals: dict[str, str] = dict(data.get("refusals", {}))
+            self.triggers = read_triggers(data)
+        except (KeyError, TypeError, ValueError, re.error) as exc:
+            raise BundleError(f"{POLICY_FILE}: malformed policy ({type(exc).__name__}: {exc})") from None
+        if self.task == "extract" and not isinstance(self.output_schema, dict):
+            raise BundleError(f"{POLICY_FILE}: an extract policy needs output_schema")
+        self.data = data
+        self.validator = jsonschema.validators.validator_for(
+            self.input_schema, default=jsonschema.Draft202012Validator)(self.input_schema)
+
+    # ------------------------------------------------------------------ requests
+
+    def check_input(self, input: Any) -> None:
+        error = jsonschema.exceptions.best_match(self.validator.iter_errors(input))
+        if error is not None:
+            raise InputError(error.message, error.json_path)
+        if self.task == "agent":
+            unknown = sorted(set(input.get("tools") or ()) - {t["name"] for t in self.tools})
+            if unknown:
+                raise InputError(f"unknown tools {unknown}; the bundle knows "
+                                 f"{[t['name'] for t in self.tools]}", "$.tools")
+
+    def offered(self, input: dict) -> list[dict]:
+        names = input.get("tools")
+        return self.tools if not names else [t for t in self.tools if t["name"] in set(names)]
+
+    def prompt(self, input: dict) -> str:
+        """The text the student continues: system turn and messages as the chat format
+        prepares them for training too."""
+        if self.task == "extract":
+            messages = [{"role": "user", "content": user_text(input, self.text_field)}]
+            system = self.chat.system_text(self.description, output_schema=self.output_schema)
+            return self.chat.render(self.chat.prepare(messages, system), add_generation_prompt=True)
+        tools = self.offered(input)
+        system = self.chat.system_text(self.description, tools)
+        return self.chat.render(self.chat.prepare(input["messages"], system, tools),
+                                add_generation_prompt=True)
+
+    def trigger_text(self, input: dict) -> str:
+        """What trigger patterns read: the extraction input, or the agent's last user turn."""
+        if self.task == "extract":
+            return user_text(input, self.text_field)
+        users = [m.get("content") or "" for m in input["messages"] if m.get("role") == "user"]
+        return users[-1] if users else ""
+
+    # ------------------------------------------------------------------ answers
+
+    def output(self, message: dict) -> Any:
+        """What the caller gets: the extracted object, or the assistant message."""
+        if self.task == "extract":
+            import json
+
+            try:
+                return json.loads(message.get("content") or "")
+            except ValueError:
+                return None
+        return message
+
+    def decide(self, text: str, message: dict, confidence: float, truncated: bool) -> Routed:
+        trigger = next((t for t in self.triggers if t.pattern.search(text)), None)
+        if trigger is not None:
+            return Routed(confidence, "teacher", f"trigger: {trigger.reason}", "trigger")
+        if truncated:
+            return Routed(confidence, "teacher",
+                          f"output cut at max_new_tokens {self.max_new_tokens}", "truncated")
+        refusal = self.refusal_of(message)
+        if refusal is not None:
+            return Routed(confidence, "refusal", f"refusal: {refusal}", "refusal")
+        if confidence < self.threshold:
+            return Routed(confidence, "teacher",
+                          f"low confidence {confidence:.2f} < {self.threshold:.2f}", "low_confidence")
+        return Routed(confidence, "student",
+                      f"confidence {confidence:.2f} >= {self.threshold:.2f}", "confident")
+
+    def refusal_of(self, message: dict) -> str | None:
+        content = (message.get("content") or "").strip()
+        if self.task != "agent" or message.get("tool_calls") or not content:
+            return None
+        return next((name for name, response in self.refusals.items()
+                     if content == response.strip()), None)
+
+    def mode(self, input: dict):
+        from .decoder import Agent, Extract
+
+        if self.task == "extract":
+            return Extract(self.output_schema)
+        return Agent(self.offered(input))
+
+
+class CausalBundle:
+    """A loaded extract or agent bundle: decoder, policy and verified manifest."""
+
+    def __init__(self, root: Path, policy: CausalPolicy, decoder, manifest: dict):
+        self.root, self.policy, self.decoder, self.manifest = root, policy, decoder, manifest
+
+    def predict(self, input: dict) -> dict:
+        return self.predict_batch([input])[0]
+
+    def predict_batch(self, inputs: list[dict]) -> list[dict]:
+        """Answer each request in turn (decoding runs batch 1); one invalid input rejects the
+        batch before any decoding."""
+        check_inputs(self.policy, inputs)
+        return [self.answer(item) for item in inputs]
+
+    def answer(self, input: dict) -> dict:
+        """One validated request through the decoder and the policy."""
+        completion = self.decoder.complete(self.policy.prompt(input), self.policy.mode(input),
+                                           self.policy.max_new_tokens)
+        routed = self.policy.decide(self.policy.trigger_text(input), completion.message,
+                                    completion.confidence, completion.truncated)
+        return {"output": self.policy.output(completion.message),
+                "confidence": routed.confidence, "route": routed.route, "reason": routed.reason,
+                "tokens": completion.new_tokens}
+
+
+def load_causal(root: Path, policy_data: dict, manifest: dict,
+                    threads: int | None = None) -> CausalBundle:
+    from .decoder import Decoder
+
+    policy = CausalPolicy(policy_data)
+    try:
+        decoder = Decoder(root, threads=threads)
+    except BundleError:
+        raise
+    except Exception as exc:  # onnxruntime and tokenizers raise their own untyped errors
+        raise BundleError(f"cannot load the decoder: {exc}") from exc
+    return CausalBundle(root, policy, decoder, manifest)

@@ -1,0 +1,382 @@
+"""Greedy generation from an exported causal-LM student: onnxruntime, a KV cache, and masks
+that keep structured output valid.
+
+A leaf module (numpy, onnxruntime, tokenizers and the leaves chat_format and constrained), so an
+edge bundle runs it without torch or transformers:
+
+    decoder = Decoder("bundle/")                    # model.onnx, decoder.json, tokenizer.json, chat.json
+    c = decoder.complete(prompt, Extract(schema))   # JSON valid for the schema, then the END marker
+    c = decoder.complete(prompt, Agent(tools))      # free text; every <tool_call> valid for a tool
+    c.message, c.confidence, c.truncated
+
+The graph is the single decode graph of `transformers.exporters` (multi-token decode): fed an
+empty cache it is the prefill, then it takes one token per step. `decoder.json`, written by the
+export stage, names its inputs and outputs and the cache layout.
+
+Modes. Extract constrains the whole answer to the schema from its first token; once the value
+is complete the only token left is the END marker. Agent leaves text free; once the text holds
+CALL_OPEN, the call is constrained to `call_schema(tools)`, and CALL_CLOSE is forced token by
+token as soon as the call's JSON is complete. `constrain=False` is plain greedy decoding (for
+parity with the trained model and the unconstrained validity metric).
+
+Logprobs are those of the emitted tokens under the masked, renormalised distribution: a forced
+token scores 0. Confidence is exp of the lowest logprob among tokens picked from a real choice
+(more than one token allowed), 1.0 when nothing was chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .chat_format import CALL_CLOSE, CALL_OPEN, ChatFormat, call_schema
+from .constrained import (
+    JsonConstraint,
+    State,
+    Vocabulary,
+    feed,
+    finishable,
+    token_bytes,
+)
+
+DECODER_FORMAT = 1
+KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class Extract:
+    """Answer with one JSON value valid for `schema`."""
+
+    schema: dict
+
+
+@dataclass(frozen=True)
+class Agent:
+    """Answer freely or call one of `tools` ({"name", "description", "parameters"})."""
+
+    tools: Sequence[dict]
+
+
+@dataclass
+class Completion:
+    text: str                 # the answer, without the END marker
+    message: dict             # chat.parse(text): content and tool_calls
+    token_ids: list[int]      # emitted tokens, the END marker included when it came
+    logprobs: list[float]     # per emitted token, under the (masked) distribution it came from
+    confidence: float
+    new_tokens: int
+    seconds: float
+    truncated: bool = False   # max_new_tokens (or the context) ran out before the END marker
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """decoder.json: how to drive the exported graph."""
+
+    input_ids: str
+    position_ids: str | None
+    attention_mask: str | None
+    logits: str
+    past_inputs: list[str]    # cache inputs, in graph order
+    past_outputs: list[str]   # the matching cache outputs, same order
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: str
+    vocab_size: int           # the logits' width (may exceed the tokenizer's vocabulary)
+    context_length: int
+    stop_token_ids: list[int]
+    format: int = DECODER_FORMAT
+    add_special_tokens: bool = False  # prompts are rendered chat text; markers are in the text
+
+    @classmethod
+    def load(cls, path: Path) -> DecoderSpec:
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != DECODER_FORMAT:
+            raise ValueError(f"{path}: decoder format {data.get('format')!r} is not "
+                             f"{DECODER_FORMAT}; re-export the model with this version")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class Graph:
+    """One onnxruntime session over the decode graph, with its cache."""
+
+    def __init__(self, path: Path, spec: DecoderSpec, threads: int | None = None,
+                 providers: Sequence[str] | None = None):
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options,
+                                            providers=list(providers or ["CPUExecutionProvider"]))
+        self.spec = spec
+        self.outputs = [spec.logits, *spec.past_outputs]
+
+    def empty_cache(self) -> list[np.ndarray]:
+        shape = (1, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        return [np.zeros(shape, KV_DTYPES[self.spec.kv_dtype]) for _ in self.spec.past_inputs]
+
+    def step(self, ids: Sequence[int], start: int, cache: list[np.ndarray]
+             ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits of the last of `ids` (placed at positions start...), and the grown cache."""
+        spec = self.spec
+        feed_ = {spec.input_ids: np.array([ids], dtype=np.int64),
+                 **dict(zip(spec.past_inputs, cache))}
+        if spec.position_ids:
+            feed_[spec.position_ids] = np.arange(start, start + len(ids), dtype=np.int64)[None]
+        if spec.attention_mask:
+            feed_[spec.attention_mask] = np.ones((1, start + len(ids)), dtype=np.int64)
+        logits, *cache = self.session.run(self.outputs, feed_)
+        return logits[0, -1].astype(np.float32), cache
+
+
+# --------------------------------------------------------------------------- guides
+
+
+class Guide:
+    """Which tokens may come next. `mask()` is None when every token may; `forced()` is a token
+    the output must take now (no model choice)."""
+
+    def mask(self) -> np.ndarray | None:
+        return None
+
+    def forced(self) -> int | None:
+        return None
+
+    def advance(self, token: int) -> None:
+        pass
+
+    def reject(self, token: int) -> bool:
+        """Whether `token`, picked from mask(), must be refused after all (checked lazily)."""
+        return False
+
+
+class ExtractGuide(Guide):
+    """The whole answer is one JSON value, then the END marker (the constraint's EOS)."""
+
+    def __init__(self, constraint: JsonConstraint):
+        self.constraint, self.state = constraint, constraint.start()
+
+    def mask(self):
+        return self.constraint.allowed(self.state)
+
+    def advance(self, token):
+        self.state = self.constraint.advance(self.state, token)
+
+
+class AgentGuide(Guide):
+    """Free text; a call opened by CALL_OPEN follows the call schema, then CALL_CLOSE."""
+
+    def __init__(self, constraint: JsonConstraint, vocab: Vocabulary,
+                 encode: Callable[[str], list[int]], crossing: list[tuple[int, int]]):
+        self.constraint, self.vocab, self.encode = constraint, vocab, encode
+        self.crossing = crossing         # see crossing_tokens
+        self.free = b""                 # text since the last call (or the start)
+        self.state: State | None = None  # set while a call's JSON is being written
+        self.closing: list[int] = []     # CALL_CLOSE tokens still to force
+
+    def mask(self):
+        if self.state is None:
+            return None
+        mask = self.constraint.allowed(self.state).copy()
+        mask[self.constraint.eos_id] = False  # a call ends with CALL_CLOSE, never the turn's end
+        for token, _ in self._ending_here():
+            mask[token] = True
+        return mask
+
+    def _ending_here(self) -> list[tuple[int, int]]:
+        """Crossing tokens whose JSON part completes the call from the current state: BPE
+        merges the call's last bytes with CALL_CLOSE's first (`"}}</`), and the student, trained
+        on such tokens, must be free to emit them."""
+        return [(token, at) for token, at in self.crossing
+                if any(finishable(s) for s in feed(self.state.stacks,
+                                                   self.vocab.tokens[token][:at]))]
+
+    def forced(self):
+        return self.closing[0] if self.closing else None
+
+    def reject(self, token):
+        """A free token that completes CALL_OPEN may carry the call's first bytes; refuse it when
+        they cannot start a valid call."""
+        if self.state is not None or self.closing:
+            return False
+        opened = self._split(token)
+        return opened is not None and opened[1] and not feed(self.constraint.start().stacks,
+                                                                 opened[1])
+
+    def advance(self, token):
+        if self.closing:
+            self.closing.pop(0)
+            return
+        if self.state is not None:
+            ending = dict(self._ending_here())
+            if token in ending:
+                rest = CALL_CLOSE.encode()[len(self.vocab.tokens[token]) - ending[token]:]
+                self.state, self.free = None, b""
+                self.closing = self.encode(rest.decode()) if rest else []
+                return
+            self.state = self.constraint.advance(self.state, token)
+            if self.state.complete:
+                self.state, self.closing, self.free = None, self.encode(CALL_CLOSE), b""
+            return
+        opened = self._split(token)
+        if opened is None:
+            self.free += self.vocab.tokens[token] or b""
+            return
+        self.state = self.constraint.start()
+        if opened[1]:
+            self.state = State(feed(self.state.stacks, opened[1]))
+
+    def _split(self, token: int) -> tuple[bytes, bytes] | None:
+        """(free text, call bytes) when `token` completes CALL_OPEN, else None."""
+        data = self.vocab.tokens[token]
+        if data is None:  # a special token: the END marker, or a tokenizer's own call marker
+            return None
+        text = self.free + data
+        at = text.find(CALL_OPEN.encode(), max(0, len(self.free) - len(CALL_OPEN) + 1))
+        if at < 0:
+            return None
+        return text[:at], text[at + len(CALL_OPEN):]
+
+
+# --------------------------------------------------------------------------- the decoder
+
+
+class Decoder:
+    """Greedy decoding of an exported student (a bundle or the export artifact directory)."""
+
+    def __init__(self, directory: str | Path, threads: int | None = None,
+                 providers: Sequence[str] | None = None, model: str = "model.onnx"):
+        directory = Path(directory)
+        self.spec = DecoderSpec.load(directory / "decoder.json")
+        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.chat = ChatFormat.from_dict(json.loads((directory / "chat.json").read_text()))
+        self.graph = Graph(directory / model, self.spec, threads, providers)
+        self.end_id = self.spec.stop_token_ids[0]
+        self._vocab: Vocabulary | None = None
+        self._crossing: list[tuple[int, int]] | None = None
+        self._constraints: dict[str, JsonConstraint] = {}
+
+    # -- what constrained decoding needs, built once: classifying the vocabulary is the cost
+
+    @property
+    def vocab(self) -> Vocabulary:
+        if self._vocab is None:
+            specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()
+                        if t.special]
+            self._vocab = Vocabulary(token_bytes(self.tokenizer.get_vocab(), specials,
+                                                 self.spec.vocab_size))
+        return self._vocab
+
+    @property
+    def crossing(self) -> list[tuple[int, int]]:
+        if self._crossing is None:
+            self._crossing = crossing_tokens(self.vocab)
+        return self._crossing
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def constraint(self, schema: dict) -> JsonConstraint:
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._constraints:
+            self._constraints[key] = JsonConstraint(schema, self.vocab, self.end_id)
+        return self._constraints[key]
+
+    def guide(self, mode: Extract | Agent | None) -> Guide:
+        if isinstance(mode, Extract):
+            return ExtractGuide(self.constraint(mode.schema))
+        if isinstance(mode, Agent):
+            return AgentGuide(self.constraint(call_schema(list(mode.tools))), self.vocab,
+                              self._encode_plain, self.crossing)
+        return Guide()
+
+    # -- decoding
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=self.spec.add_special_tokens).ids
+
+    def complete(self, prompt: str, mode: Extract | Agent | None = None,
+                 max_new_tokens: int = 256, constrain: bool = True) -> Completion:
+        """Continue `prompt` (rendered chat text ending in the generation prompt)."""
+        return self.generate(self.encode(prompt), mode, max_new_tokens, constrain)
+
+    def generate(self, prompt_ids: Sequence[int], mode: Extract | Agent | None = None,
+                 max_new_tokens: int = 256, constrain: bool = True) -> Completion:
+        started = time.perf_counter()
+        prompt_ids = list(prompt_ids)
+        room = self.spec.context_length - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model reads at most "
+                             f"{self.spec.context_length}")
+        guide = self.guide(mode) if constrain else Guide()
+        logits, cache = self.graph.step(prompt_ids, 0, self.graph.empty_cache())
+        tokens, logprobs, choices = [], [], []
+        while len(tokens) < min(max_new_tokens, room):
+            token, logprob, choice = pick(logits, guide)
+            tokens.append(token)
+            logprobs.append(logprob)
+            if choice:
+                choices.append(logprob)
+            guide.advance(token)
+            if token in self.spec.stop_token_ids:
+                break
+            logits, cache = self.graph.step([token], len(prompt_ids) + len(tokens) - 1, cache)
+        finished = bool(tokens) and tokens[-1] in self.spec.stop_token_ids
+        body = tokens[:-1] if finished else tokens
+        text = self.tokenizer.decode(body, skip_special_tokens=False)
+        return Completion(
+            text=text, message=self.chat.parse(text), token_ids=tokens, logprobs=logprobs,
+            confidence=float(np.exp(min(choices))) if choices else 1.0, new_tokens=len(tokens),
+            seconds=time.perf_counter() - started, truncated=not finished)
+
+
+def crossing_tokens(vocab: Vocabulary) -> list[tuple[int, int]]:
+    """(token, at) for tokens whose bytes from `at` on are a non-empty prefix of CALL_CLOSE,
+    after at least one byte that could end a call's JSON (e.g. `"}}</`, at 3)."""
+    close = CALL_CLOSE.encode()
+    out = []
+    for token, data in enumerate(vocab.tokens):
+        if not data:
+            continue
+        for at in range(1, len(data)):
+            if close.startswith(data[at:]):
+                out.append((token, at))
+                break
+    return out
+
+
+def pick(logits: np.ndarray, guide: Guide) -> tuple[int, float, bool]:
+    """The greedy token, its logprob under the guide's renormalised mask, and whether it was a
+    choice (more than one token allowed)."""
+    forced = guide.forced()
+    if forced is not None:
+        return forced, 0.0, False
+    scores = logits.astype(np.float64)
+    mask = guide.mask()
+    if mask is not None:
+        scores = np.where(mask[:len(scores)], scores, -np.inf)
+    while True:
+        token = int(np.argmax(scores))
+        if not guide.reject(token):
+            break
+        scores[token] = -np.inf
+    finite = scores[np.isfinite(scores)]
+    top = finite.max()
+    logprob = float(scores[token] - top - np.log(np.exp(finite - top).sum()))
+    return token, logprob, finite.size > 1

@@ -1,0 +1,161 @@
+"""The bundle's formats, owned here and nowhere else: file names, format numbers, the manifest,
+the shape of policy.json, the text a student reads from a request, and the runtime's errors.
+
+Standard library only, so the compiler (which writes bundles) and the runtime (which reads
+them) share one definition of each, and `distill` can catch a BundleError by type without
+loading onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+POLICY_FORMAT = 1
+MANIFEST_FORMAT = 1
+MODEL_FILE, TOKENIZER_FILE, POLICY_FILE, MANIFEST_FILE = (
+    "model.onnx", "tokenizer.json", "policy.json", "manifest.json")
+REPORT_FILE, CARD_FILE, HTML_FILE = "report.json", "MODEL_CARD.md", "report.html"
+# What a decoder bundle adds: the chat format its prompts use and how to drive the KV-cache graph.
+CHAT_FILE, DECODER_FILE = "chat.json", "decoder.json"
+REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE, POLICY_FILE)
+CLASSIFY_FILES = (MODEL_FILE, TOKENIZER_FILE, POLICY_FILE, REPORT_FILE, CARD_FILE, HTML_FILE)
+DECODER_FILES = (CHAT_FILE, DECODER_FILE)
+DECODER_TASKS = ("extract", "agent")
+
+
+def bundle_files(task: str) -> tuple[str, ...]:
+    """Every file the manifest lists for a bundle of this task (manifest.json itself aside)."""
+    return CLASSIFY_FILES + (DECODER_FILES if task in DECODER_TASKS else ())
+
+
+class BundleError(Exception):
+    """A bundle that cannot be loaded or a request it cannot answer; the message says why."""
+
+
+class InputError(BundleError):
+    """A request that does not match the bundle's input schema."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(f"invalid input at {path}: {message}")
+        self.message, self.path = message, path
+
+
+# --------------------------------------------------------------------------- text
+
+def text_field_of(schema: dict) -> str | None:
+    """The input schema's single string property (e.g. `message`), or None when there is not one."""
+    props = schema.get("properties") or {}
+    strings = [name for name, sub in props.items()
+               if isinstance(sub, dict) and sub.get("type") == "string"]
+    return strings[0] if len(props) == 1 and len(strings) == 1 else None
+
+
+def input_text(input: dict, text_field: str | None) -> str:
+    """The text the student reads: the text field, or canonical JSON of the whole input."""
+    if text_field is not None:
+        return str(input[text_field])
+    return json.dumps(input, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- policy
+
+@dataclass(frozen=True)
+class Trigger:
+    pattern: re.Pattern
+    reason: str
+
+
+def routing_fields(escalation, refusals, teacher) -> dict:
+    """The policy.json fields both students' policies share, from the spec's escalation,
+    refusals and teacher sections: trigger patterns, refusal responses and where escalations
+    go. The key stays in the environment variable `api_key_env` names."""
+    return {
+        "triggers": [{"pattern": t.pattern, "reason": t.reason or t.pattern}
+                     for t in escalation.triggers],
+        "refusals": {r.name: r.response for r in refusals},
+        "teacher": {"model": teacher.model, "api_base": teacher.api_base,
+                    "api_key_env": teacher.api_key_env},
+    }
+
+
+def read_triggers(data: dict) -> tuple[Trigger, ...]:
+    """policy.json's trigger patterns, compiled (re.error on a bad pattern)."""
+    return tuple(Trigger(re.compile(t["pattern"]), t.get("reason") or t["pattern"])
+                 for t in data.get("triggers", ()))
+
+
+def write_policy(path: Path, policy: dict) -> None:
+    """policy.json as the runtime reads it. Key order is kept, not sorted: output and tool
+    schemas list properties in the order constrained decoding emits them, which must stay the
+    order the student was trained on."""
+    path.write_text(json.dumps(policy, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def read_policy(root: Path) -> dict:
+    try:
+        data = json.loads((root / POLICY_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{root}: no {POLICY_FILE}") from None
+    except ValueError as exc:
+        raise BundleError(f"{POLICY_FILE}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{POLICY_FILE}: not a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------- bundle
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_manifest(root: Path) -> dict:
+    """Check every file manifest.json lists against its sha256; return the manifest."""
+    try:
+        manifest = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+        files: dict[str, str] = manifest["files"]
+    except FileNotFoundError:
+        raise BundleError(f"{root}: no {MANIFEST_FILE}; is this a bundle directory?") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{MANIFEST_FILE}: unreadable ({type(exc).__name__}: {exc})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise BundleError(f"{MANIFEST_FILE}: format {manifest.get('format')!r} is not supported")
+    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    if unlisted:
+        raise BundleError(f"{MANIFEST_FILE}: does not list {', '.join(unlisted)}")
+    for name, expected in sorted(files.items()):
+        path = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"{MANIFEST_FILE}: file name {name!r} leaves the bundle")
+        if not path.is_file():
+            raise BundleError(f"{name}: missing from the bundle")
+        if sha256_file(path) != expected:
+            raise BundleError(f"{name}: sha256 does not match {MANIFEST_FILE}; the file was "
+                              "modified or corrupted after the bundle was built")
+    return manifest
+
+
+def manifest_dict(name: str, task: str, spec_sha256: str, files: dict[str, str],
+                  versions: dict, created_from: dict) -> dict:
+    """manifest.json: the sha256 of every other file, which verify_manifest checks on load."""
+    return {"format": MANIFEST_FORMAT, "name": name, "task": task, "spec_sha256": spec_sha256,
+            "files": files, "versions": versions, "created_from": created_from}
+
+
+def check_inputs(policy, inputs: list) -> None:
+    """Validate a batch before any of it runs; an error's path names the bad item (`$[2].x`)."""
+    for i, item in enumerate(inputs):
+        try:
+            policy.check_input(item)
+        except InputError as exc:
+            if len(inputs) == 1:
+                raise
+            raise InputError(exc.message, f"$[{i}]{exc.path[1:]}") from None

@@ -1,0 +1,1 @@
+"""`distill serve`: a bundle behind an OpenAI-compatible HTTP API, and its escalation log."""

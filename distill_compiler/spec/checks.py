@@ -1,0 +1,161 @@
+"""The spec rules that span fields: schemas, names, what each task needs, references between
+sections, escalation and teacher. Each returns findings (path, message, hint) instead of raising,
+so load reports every problem at once, located by dotted path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import jsonschema
+
+from .models import OUT_OF_SCOPE, Spec, wants_generation
+
+# --------------------------------------------------------------------------- cross-field rules
+
+Finding = tuple[tuple, str, str | None]  # (path, message, hint)
+
+
+def check_spec(spec: Spec) -> list[Finding]:
+    """Every rule that spans fields; each returns findings instead of raising."""
+    return [
+        *check_schemas(spec), *check_names(spec), *check_task_needs(spec),
+        *check_references(spec), *check_escalation(spec), *check_teacher(spec),
+    ]
+
+
+def check_schemas(spec: Spec) -> list[Finding]:
+    found = []
+    blocks = [(("input", "schema"), spec.input.schema_)]
+    if spec.output:
+        blocks.append((("output", "schema"), spec.output.schema_))
+    blocks += [(("tools", i, "parameters"), t.parameters) for i, t in enumerate(spec.tools)]
+    for path, schema in blocks:
+        validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        try:
+            validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            where = path + tuple(exc.path)
+            found.append((where, f"invalid JSON Schema: {exc.message}",
+                          f"see {validator.META_SCHEMA.get('$schema', 'the JSON Schema spec')}"))
+    for i, tool in enumerate(spec.tools):
+        if tool.parameters.get("type") != "object":
+            found.append((("tools", i, "parameters"), "tool parameters must be an object schema",
+                          "set `type: object`"))
+    if not found:
+        found += check_enforceable(spec)
+    return found
+
+
+def check_enforceable(spec: Spec) -> list[Finding]:
+    """The runtime constrains extractions and tool arguments to their schemas, so a keyword it
+    cannot enforce is an error here rather than an output that silently breaks the schema."""
+    from ..runtime.enforceable import check_schema
+
+    blocks = [(("tools", i, "parameters"), t.parameters) for i, t in enumerate(spec.tools)]
+    if spec.task == "extract" and spec.output:
+        blocks.append((("output", "schema"), spec.output.schema_))
+    found = []
+    for path, schema in blocks:
+        for problem in check_schema(schema):
+            where, _, message = problem.partition(": ")
+            sub = () if where == "<root>" else tuple(
+                int(p) if p.isdigit() else p for p in where.split("."))
+            found.append((path + sub, message, None))  # the message carries its remedy
+    return found
+
+
+def check_names(spec: Spec) -> list[Finding]:
+    found = []
+    seen: dict[str, str] = {}
+    for section, items in (("intents", spec.intents), ("refusals", spec.refusals)):
+        for i, item in enumerate(items):
+            if item.name in seen:
+                found.append(((section, i, "name"), f"'{item.name}' is already used in {seen[item.name]}",
+                              "names must be unique across intents and refusals"))
+            elif item.name == OUT_OF_SCOPE:
+                found.append(((section, i, "name"), f"'{OUT_OF_SCOPE}' is reserved",
+                              "out-of-scope is built in; pick another name"))
+            seen.setdefault(item.name, section)
+    tools: set[str] = set()
+    for i, tool in enumerate(spec.tools):
+        if tool.name in tools:
+            found.append((("tools", i, "name"), f"duplicate tool '{tool.name}'", "rename one"))
+        tools.add(tool.name)
+    return found
+
+
+def check_task_needs(spec: Spec) -> list[Finding]:
+    found = []
+    if spec.task == "classify" and len(spec.intents) + len(spec.refusals) < 2:
+        found.append((("intents",), "classify needs at least two intents (refusals count)",
+                      "add intents"))
+    if spec.task == "extract" and spec.output is None:
+        found.append((("output",), "extract needs output.schema", "add `output: {schema: ...}`"))
+    if spec.task == "agent" and not spec.tools:
+        found.append((("tools",), "agent needs at least one tool", "add `tools:`"))
+    if spec.student.method == "gkd" and not spec.student.teacher_model:
+        found.append((("student", "teacher_model"), "method gkd needs a local teacher model",
+                      "set student.teacher_model or use method: sft"))
+    if spec.task == "classify" and spec.student.method in ("sft", "gkd"):
+        found.append((("student", "method"), f"method {spec.student.method} is for extract/agent",
+                      "use kd or ce for classify"))
+    if spec.task != "classify" and spec.student.method in ("kd", "ce"):
+        found.append((("student", "method"), f"method {spec.student.method} is for classify",
+                      "use sft or gkd"))
+    return found
+
+
+def check_references(spec: Spec) -> list[Finding]:
+    found = []
+    intents = {i.name for i in spec.intents}
+    for i, intent in enumerate(spec.intents):
+        for j, other in enumerate(intent.confusable_with):
+            if other not in intents:
+                found.append((("intents", i, "confusable_with", j), f"unknown intent '{other}'",
+                               _choices(other, intents)))
+            elif other == intent.name:
+                found.append((("intents", i, "confusable_with", j),
+                               "an intent cannot be confusable with itself", "remove it"))
+    tools = {t.name for t in spec.tools}
+    for i, scenario in enumerate(spec.scenarios):
+        for j, tool in enumerate(scenario.tools):
+            if tool not in tools:
+                found.append((("scenarios", i, "tools", j), f"unknown tool '{tool}'",
+                               _choices(tool, tools)))
+    return found
+
+
+def check_escalation(spec: Spec) -> list[Finding]:
+    found = []
+    intents = {i.name for i in spec.intents}
+    for i, name in enumerate(spec.escalation.always):
+        if name not in intents:
+            found.append((("escalation", "always", i), f"unknown intent '{name}'",
+                           _choices(name, intents)))
+    for i, trigger in enumerate(spec.escalation.triggers):
+        try:
+            re.compile(trigger.pattern)
+        except re.error as exc:
+            found.append((("escalation", "triggers", i, "pattern"),
+                           f"invalid regular expression: {exc}", "fix the pattern (Python re syntax)"))
+    return found
+
+
+def check_teacher(spec: Spec) -> list[Finding]:
+    t = spec.teacher
+    generation = wants_generation(spec.task, spec.data, spec.scenarios)
+    if not t.logs and not t.model:
+        return [(("teacher",), "no teacher model and no logs", "set teacher.model or teacher.logs")]
+    if generation and not t.model:
+        return [(("teacher", "model"), "data generation asks for a live teacher",
+                 "set teacher.model, or set data.per_intent/hard_negatives/out_of_scope to 0")]
+    return []
+
+
+def _choices(name: str, options: set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(options), n=1)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "known: " + ", ".join(sorted(options)) if options else "define it first"

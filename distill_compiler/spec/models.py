@@ -1,0 +1,271 @@
+"""The task spec's models: strict, frozen pydantic classes (`*Spec`), one section per stage.
+
+Field docs are attribute docstrings: the single source for `distill show --docs`, the JSON
+Schema in `specs/` and editor completion (spec/docs.py). Structural checks (types, enums,
+unknown keys) come from pydantic; the rules that span fields live in spec/checks.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JsonSchema = dict[str, Any]
+Name = str  # constrained by NAME_PATTERN in the fields that use it
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+SPEC_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
+OUT_OF_SCOPE = "out_of_scope"
+# Fields that change how a stage runs but never what it produces: left out of cache keys, so
+# raising a budget or the concurrency does not rebuild anything.
+NOT_KEYED = {
+    "teacher": {"max_concurrency", "max_retries", "timeout_s", "budget_usd", "max_requests"},
+    "student": {"device"},
+}
+REGISTERS = ("formal", "terse", "slang", "typos", "multilingual", "noise")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SchemaSpec(Section):
+    schema_: JsonSchema = Field(alias="schema")
+    """JSON Schema (draft 2020-12 unless `$schema` says otherwise) for this side of the task."""
+
+
+class IntentSpec(Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    """Label the student predicts; lower_snake_case."""
+    description: str = Field(min_length=1)
+    """What belongs to this intent, in a sentence or two; the teacher reads it."""
+    examples: tuple[str, ...] = ()
+    """A few real user messages of this intent; seeds for generation."""
+    confusable_with: tuple[str, ...] = ()
+    """Other intents users mix up with this one; hard negatives are generated between them."""
+
+
+class ToolSpec(Section):
+    name: str = Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    """Function name the agent calls."""
+    description: str = Field(min_length=1)
+    """When the agent should call this tool."""
+    parameters: JsonSchema = {"type": "object", "properties": {}}
+    """JSON Schema of the tool's arguments (an object schema)."""
+    results: tuple[Any, ...] = ()
+    """Example results the tool returns; used instead of teacher-simulated results when given."""
+
+
+class ScenarioSpec(Section):
+    description: str = Field(min_length=1)
+    """A situation the agent must handle, e.g. 'customer wants to move a delivery date'."""
+    tools: tuple[str, ...] = ()
+    """Tools this scenario is expected to use."""
+    turns: int = Field(default=3, ge=1, le=20)
+    """Number of user turns in the generated conversation."""
+
+
+class RefusalSpec(Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    """Label of the refusal class."""
+    description: str = Field(min_length=1)
+    """Which requests must be refused."""
+    response: str = Field(min_length=1)
+    """The fixed answer the runtime returns when this refusal fires."""
+    examples: tuple[str, ...] = ()
+    """Messages that must be refused; seeds for refusal probes."""
+
+
+class TriggerSpec(Section):
+    pattern: str
+    """Python regular expression; a match on the input escalates to the teacher."""
+    reason: str | None = None
+    """Shown as the route's reason; defaults to the pattern."""
+
+
+class EscalationSpec(Section):
+    always: tuple[str, ...] = ()
+    """Intents the student recognises but always hands to the teacher."""
+    triggers: tuple[TriggerSpec, ...] = ()
+    """Patterns that escalate a request before the student is asked."""
+    target_accuracy: float = Field(default=0.95, gt=0, le=1)
+    """The cascade threshold is the lowest confidence whose accepted traffic reaches this accuracy."""
+
+
+class TeacherSpec(Section):
+    model: str | None = None
+    """Any litellm model string (`openai/gpt-4o`, `anthropic/claude-...`, `ollama/llama3`); omit to replay logs only."""
+    api_base: str | None = None
+    """Base URL of an OpenAI-compatible server."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key; the key itself never enters the spec or cache."""
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    """Sampling temperature for generation requests (labelling requests use 0)."""
+    max_concurrency: int = Field(default=8, ge=1, le=512)
+    """Requests in flight at once."""
+    max_retries: int = Field(default=5, ge=0, le=20)
+    """Retries on 429, 5xx and timeouts, with exponential backoff and jitter."""
+    timeout_s: float = Field(default=60, gt=0)
+    """Per-request timeout in seconds."""
+    budget_usd: float | None = Field(default=None, ge=0)
+    """Hard spending cap for this compile; generation stops cleanly when it is reached."""
+    max_requests: int | None = Field(default=None, ge=0)
+    """Hard cap on paid (uncached) requests for this compile."""
+    soft_labels: Literal["logprobs", "samples", "none"] = "logprobs"
+    """Where classification soft labels come from: token logprobs, n sampled votes, or none."""
+    samples: int = Field(default=5, ge=1, le=50)
+    """Votes per example when `soft_labels: samples`."""
+    logs: tuple[str, ...] = ()
+    """Recorded teacher traffic to replay as data (JSONL chat logs, or CSV/JSONL `{input, label}` rows), relative to the spec."""
+    templates: str | None = None
+    """Folder of Jinja2 prompt templates overriding the built-in ones, relative to the spec."""
+
+
+class DataSpec(Section):
+    per_intent: int = Field(default=0, ge=0)
+    """Teacher-generated prompts per intent (and per refusal) on top of logs; 0 for logs only."""
+    registers: tuple[Literal[REGISTERS], ...] = ("formal", "terse", "slang", "typos")  # type: ignore[valid-type]
+    """Registers to paraphrase into; `noise` is deterministic augmentation that costs no teacher call."""
+    languages: tuple[str, ...] = ("en",)
+    """Languages for the `multilingual` register (ISO 639-1 codes)."""
+    hard_negatives: int = Field(default=0, ge=0)
+    """Hard negatives generated per pair of confusable intents."""
+    out_of_scope: int = Field(default=0, ge=0)
+    """Out-of-scope prompts to generate (label `out_of_scope`)."""
+    noise_copies: int = Field(default=0, ge=0, le=10)
+    """Deterministic noisy copies (typos, casing, punctuation) per training example."""
+    holdout: float = Field(default=0.15, gt=0, lt=0.5)
+    """Fraction held out for validation and again for test (stratified)."""
+    seed: int = 0
+    """Seed for splits, augmentation and sampling."""
+    pii_scrub: bool = True
+    """Replace emails, phone numbers, card numbers and IBANs with placeholders."""
+    near_duplicate_threshold: float = Field(default=0.9, gt=0, le=1)
+    """MinHash Jaccard similarity at or above which two inputs count as duplicates."""
+
+
+class LoraSpec(Section):
+    r: int = Field(default=8, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(default=16, ge=1)
+    """LoRA scaling numerator."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module names to adapt."""
+
+
+class StudentSpec(Section):
+    base: str = "minilm-l6"
+    """`minilm-l6` (offline all-MiniLM-L6-v2), `gemma-3-270m` (offline GGUF extra), a Hugging Face id or a local path; for extract and agent also `scratch:<layers>x<hidden>` (e.g. `scratch:4x256`): a small Llama-style decoder trained from scratch, with a byte-level tokenizer fitted to the training split."""
+    method: Literal["kd", "ce", "sft", "gkd"] = "kd"
+    """kd: soft-label distillation; ce: hard labels only; sft: supervised traces; gkd: on-policy distillation."""
+    teacher_model: str | None = None
+    """Local causal LM (id or path) used as the on-policy teacher for `method: gkd`."""
+    lora: LoraSpec | None = None
+    """Train LoRA adapters (merged before export) instead of all weights."""
+    probe: bool = True
+    """Classify: fit the head on frozen sentence embeddings before fine-tuning (LP-FT); fine-tuning keeps the probe unless it beats it on validation."""
+    epochs: float = Field(default=3, gt=0)
+    """Passes over the training split (early stopping may end sooner)."""
+    learning_rate: float = Field(default=5e-5, gt=0)
+    """Peak learning rate (linear warm-up then decay); a classifier's head gets 10x."""
+    batch_size: int = Field(default=32, ge=1)
+    """Examples per optimiser step."""
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    """Fraction of steps spent warming up the learning rate."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
+    temperature: float = Field(default=2.0, gt=0)
+    """KD temperature T."""
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    """Weight of the KD term; (1 - alpha) goes to cross-entropy on the teacher's labels."""
+    max_length: int = Field(default=128, ge=8)
+    """Token limit for training inputs."""
+    patience: int = Field(default=2, ge=0)
+    """Epochs without validation improvement before early stopping (0 disables)."""
+    seed: int = 0
+    """Training seed."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses a GPU (bf16) when there is one."""
+
+
+class ExportSpec(Section):
+    quantize: Literal["none", "int8", "int4"] = "int8"
+    """Weight quantization of the shipped model."""
+    max_length: int = Field(default=128, ge=8)
+    """Token limit the runtime truncates inputs to."""
+    min_parity: float = Field(default=0.99, gt=0, le=1)
+    """Minimum agreement between the shipped model and the trained one on validation: argmax (classify), identical greedy outputs (extract, agent)."""
+    max_new_tokens: int = Field(default=256, ge=1)
+    """Extract and agent: the most tokens the runtime generates for one answer."""
+
+
+class GatesSpec(Section):
+    min_teacher_agreement: float | None = Field(default=None, ge=0, le=1)
+    """Fail the build when the student agrees with the teacher less often than this on test."""
+    max_escalation_rate: float | None = Field(default=None, ge=0, le=1)
+    """Fail the build when more than this fraction of test traffic escalates."""
+    min_schema_validity: float | None = Field(default=None, ge=0, le=1)
+    """Fail the build when fewer student outputs than this validate against the output schema."""
+
+
+class Spec(Section):
+    name: str = Field(pattern=SPEC_NAME_PATTERN)
+    """Project name; the default build folder is `build/<name>/`."""
+    task: Literal["classify", "extract", "agent"]
+    """classify: route to an intent; extract: emit JSON for `output.schema`; agent: multi-turn tool calls."""
+    description: str = ""
+    """What the student is for; the teacher reads it."""
+    input: SchemaSpec = SchemaSpec(schema={
+        "type": "object", "properties": {"message": {"type": "string"}}, "required": ["message"]})
+    """Shape of one request."""
+    output: SchemaSpec | None = None
+    """Shape of the answer (required for extract)."""
+    intents: tuple[IntentSpec, ...] = ()
+    """Classes the student routes to (classify), or the request kinds it handles."""
+    tools: tuple[ToolSpec, ...] = ()
+    """Tools the agent may call (agent)."""
+    scenarios: tuple[ScenarioSpec, ...] = ()
+    """Situations to generate multi-turn agent traces for (agent)."""
+    refusals: tuple[RefusalSpec, ...] = ()
+    """Requests the student must refuse, each with its fixed response."""
+    escalation: EscalationSpec = EscalationSpec()
+    """When the student hands a request to the teacher."""
+    teacher: TeacherSpec = TeacherSpec()
+    """The teacher LLM and its recorded logs."""
+    data: DataSpec = DataSpec()
+    """How training data is generated, cleaned and split."""
+    student: StudentSpec = StudentSpec()
+    """The student model and how it is trained."""
+    export: ExportSpec = ExportSpec()
+    """ONNX export and quantization."""
+    gates: GatesSpec = GatesSpec()
+    """Thresholds that fail the build."""
+
+
+
+def keyed_values(spec, sections: tuple[str, ...]) -> dict[str, Any]:
+    """JSON-ready values of the sections of a Spec (or a stage's view of one), minus fields that
+    cannot change a stage's output: what stage cache keys and the bundle's spec hash cover."""
+    from pydantic_core import to_jsonable_python
+
+    out = {}
+    for section in sections:
+        value = to_jsonable_python(getattr(spec, section), by_alias=True)
+        if isinstance(value, dict) and section in NOT_KEYED:
+            value = {k: v for k, v in value.items() if k not in NOT_KEYED[section]}
+        out[section] = value
+    return out
+
+
+def class_labels(intents: tuple[IntentSpec, ...], refusals: tuple[RefusalSpec, ...]) -> tuple[str, ...]:
+    """Every class a classify student can predict, in spec order: intents, refusals, out_of_scope."""
+    return tuple(i.name for i in intents) + tuple(r.name for r in refusals) + (OUT_OF_SCOPE,)
+
+
+def wants_generation(task: str, data: DataSpec, scenarios: tuple[ScenarioSpec, ...]) -> bool:
+    """Whether the data section asks a live teacher for anything beyond replaying logs."""
+    return bool(data.per_intent or data.hard_negatives or data.out_of_scope or (
+        task == "agent" and scenarios))

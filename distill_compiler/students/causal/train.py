@@ -1,0 +1,299 @@
+"""Train a causal-LM student (tasks extract and agent) on the teacher's curated conversations.
+
+TRL drives the training; this module only decides what it is fed and how:
+
+- sft: `SFTTrainer` on every curated conversation rendered with the chat format, loss on the
+  assistant turns only (the template's `{% generation %}` markers), validation loss on the same
+  tokens after each epoch.
+- gkd: the same SFT first, then one pass of on-policy distillation (`DistillationTrainer`, a
+  generalized JSD against the local `student.teacher_model`) over every assistant turn's prompt.
+  The SFT warm start matters: on-policy distillation grades the student's own samples, and an
+  untrained student samples noise the teacher's distribution says little useful about (the GKD
+  paper starts from an SFT'd student too). The stable DistillationTrainer is used rather than the
+  experimental GKDTrainer: the SFT phase already is GKD's off-policy half.
+
+With `student.lora`, both phases train adapters (plus the rows of any turn markers the
+tokenizer lacked), merged into the weights before saving: what ships is a plain fp32 model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ...data.records import read_jsonl
+from ...errors import StageError
+from ...runtime.chat_format import ChatFormat
+from ..device import pick_device
+from ..quiet import quiet_enabled, quiet_training_libraries
+from .base import SCRATCH, Base, load_base, with_chat_markers
+from .data import conversation, points
+
+LOG_POINTS = 50        # train-loss entries kept in the log over the whole run
+DISTILL_BETA = 0.5     # generalized JSD halfway between forward and reverse KL (GKD's default)
+DISTILL_EPOCHS = 1     # on-policy passes after SFT: a refinement, generation makes it costly
+
+
+def train_causal(splits_dir: Path, out: Path, spec, spec_dir: Path, cache_dir: Path,
+                 reporter) -> dict:
+    """Train per `spec.student` on curate's train/val.jsonl; write model/, chat.json and
+    train_log.json into `out`; return the stage summary. `spec` needs task, description, input,
+    output, tools and student."""
+    from transformers import set_seed
+
+    started = time.perf_counter()
+    quiet_training_libraries()
+    if quiet_enabled():  # TRL tokenizes through datasets.map, which draws its own bars
+        import datasets
+
+        datasets.disable_progress_bars()
+    student = spec.student
+    train, val = read_split(splits_dir / "train.jsonl"), read_split(splits_dir / "val.jsonl")
+    if not train:
+        raise StageError("train", "the training split is empty", "generate or log more examples")
+    set_seed(student.seed)  # before building: a scratch model's initialisation draws from it
+    base = load_base(student.base, spec_dir, cache_dir,
+                     [ChatFormat().render(conversation(r, spec, ChatFormat())) for r in train])
+    chat, added = with_chat_markers(base)
+    # Before training, so a teacher that cannot work fails the stage in seconds, not after SFT.
+    teacher = (load_teacher(student.teacher_model, base.tokenizer, spec_dir, cache_dir)
+               if student.method == "gkd" else None)
+    device = pick_device(student.device)
+    reporter.log(f"train: {len(train)} conversations on {device.type}, base {student.base}"
+                 + (f" (+{len(added)} chat tokens)" if added else ""))
+
+    workdir = out / "trainer"  # Trainer wants an output_dir; nothing is saved there
+    sft = sft_trainer(base, added, spec, chat, train, val, device, reporter, workdir)
+    sft.train()
+    log = {"sft": trainer_log(sft)}
+    if teacher is not None:
+        log["distillation"] = distill(sft.model, teacher, base.tokenizer, spec, chat, train,
+                                      device, reporter, workdir)
+        if val:  # the same assistant-token loss, so the two phases compare
+            log["distillation"]["val_loss"] = round(sft.evaluate()["eval_loss"], 5)
+    model = finished(sft.model)
+    shutil.rmtree(workdir, ignore_errors=True)
+    summary = {"device": device.type, "method": student.method,
+               "steps": sum(phase["steps"] for phase in log.values()),
+               "val_loss": final_val_loss(log), "seconds": round(time.perf_counter() - started, 2),
+               "params": sum(p.numel() for p in model.parameters())}
+    write_checkpoint(out, model, base.tokenizer, chat, {
+        **summary, "base": student.base, "base_source": base.source, "task": spec.task,
+        "added_tokens": base.tokenizer.convert_ids_to_tokens(added),
+        "lora": student.lora and student.lora.model_dump(mode="json"),
+        "hyperparameters": hyperparameters(student), "train_conversations": len(train),
+        "val_conversations": len(val), **log})
+    return summary
+
+
+def read_split(path: Path) -> list[dict]:
+    return list(read_jsonl(path)) if path.is_file() else []
+
+
+# --------------------------------------------------------------------------- SFT
+
+def sft_trainer(base: Base, added: list[int], spec, chat: ChatFormat, train: list[dict],
+                val: list[dict], device: torch.device, reporter, workdir: Path):
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    student = spec.student
+    steps_per_epoch = math.ceil(len(train) / student.batch_size)
+    stopping = bool(val) and student.patience > 0
+    args = SFTConfig(
+        **{**common_args(student, device, student.epochs, steps_per_epoch, workdir),
+           **(early_stopping_args() if stopping else {})},
+        assistant_only_loss=True,
+        max_length=student.max_length, eos_token=chat.end,
+        eval_strategy="epoch" if val else "no", per_device_eval_batch_size=student.batch_size)
+    trainer = SFTTrainer(
+        model=base.model, args=args, processing_class=base.tokenizer,
+        train_dataset=Dataset.from_list([{"messages": conversation(r, spec, chat)} for r in train]),
+        eval_dataset=Dataset.from_list([{"messages": conversation(r, spec, chat)} for r in val])
+        if val else None,
+        peft_config=lora_config(student.lora, base.model, added),
+        callbacks=[EarlyStoppingCallback(student.patience)] if stopping else None)
+    return with_reporting(trainer, "fine-tuning", reporter)
+
+
+def early_stopping_args() -> dict:
+    """Keep the epoch with the lowest validation loss and stop `student.patience` epochs after
+    it: a student trained from scratch on a few hundred conversations starts overfitting within
+    a few epochs (support-agent: validation loss lowest at epoch 5 of 20, then rising)."""
+    return dict(save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
+                metric_for_best_model="eval_loss", greater_is_better=False,
+                save_only_model=True)
+
+
+def common_args(student, device: torch.device, epochs: float, steps_per_epoch: int,
+                workdir: Path) -> dict:
+    """TrainingArguments both phases share: the spec's optimisation settings, the device, and
+    Trainer's own checkpoints, reports and progress bars off (the stage reports progress)."""
+    on_gpu = device.type == "cuda"
+    return dict(
+        output_dir=str(workdir), num_train_epochs=epochs,
+        per_device_train_batch_size=student.batch_size, learning_rate=student.learning_rate,
+        # A float below 1 is a fraction of all steps (transformers 5 folded warmup_ratio into it).
+        warmup_steps=float(student.warmup_ratio), weight_decay=student.weight_decay,
+        lr_scheduler_type="linear", seed=student.seed, data_seed=student.seed,
+        # bf16 autocast over fp32 weights on GPU (the checkpoint stays fp32); plain fp32 on CPU.
+        bf16=on_gpu, use_cpu=not on_gpu,
+        # TRL defaults it on; small models gain nothing and generate() breaks after it (STACK.md).
+        activation_checkpointing=False,
+        logging_strategy="steps",
+        logging_steps=max(1, math.ceil(epochs * steps_per_epoch / LOG_POINTS)),
+        save_strategy="no", report_to="none", disable_tqdm=True)
+
+
+def lora_config(lora, model, added: list[int]):
+    """peft's LoraConfig for `student.lora` (None: train every weight). Added tokens' rows must
+    train too, or the model could never read or emit the new turn markers: peft's trainable
+    tokens for the input embedding; an untied output head is trained whole (peft's trainable
+    tokens do not wrap a Linear head)."""
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    rows, whole = None, None
+    if added:
+        rows = {embedding_name(model, model.get_input_embeddings()): added}
+        if not model.config.tie_word_embeddings:
+            whole = [embedding_name(model, model.get_output_embeddings())]
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), trainable_token_indices=rows,
+                      modules_to_save=whole, task_type="CAUSAL_LM")
+
+
+def embedding_name(model, module) -> str:
+    """The module's own name (e.g. `embed_tokens`, `lm_head`), the way peft matches modules."""
+    return next(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is module)
+
+
+# --------------------------------------------------------------------------- distillation
+
+def distill(model, teacher, tokenizer, spec, chat: ChatFormat, train: list[dict],
+            device: torch.device, reporter, workdir: Path) -> dict:
+    """On-policy distillation from `student.teacher_model`: the student answers every training
+    prompt itself and learns the teacher's next-token distribution on its own answer."""
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    student = spec.student
+    prompts = [p for r in train for p in points(r, spec, chat)]
+    longest = max(len(tokenizer(chat.render([p.target]))["input_ids"]) for p in prompts)
+    args = DistillationConfig(
+        **common_args(student, device, DISTILL_EPOCHS,
+                      math.ceil(len(prompts) / student.batch_size), workdir),
+        beta=DISTILL_BETA,
+        max_completion_length=min(longest, student.max_length))
+    tokenizer.padding_side = "left"  # generation appends to the right end of every prompt
+    try:
+        trainer = DistillationTrainer(
+            model=model, teacher_model=teacher, args=args, processing_class=tokenizer,
+            train_dataset=Dataset.from_list([{"prompt": p.prompt} for p in prompts]))
+        with_reporting(trainer, "distilling", reporter).train()
+    finally:
+        tokenizer.padding_side = "right"
+    return {**trainer_log(trainer), "teacher": student.teacher_model, "prompts": len(prompts),
+            "beta": DISTILL_BETA, "max_completion_length": args.max_completion_length}
+
+
+def load_teacher(name: str | None, tokenizer, spec_dir: Path, cache_dir: Path):
+    """The teacher causal LM, which must read and write the student's exact vocabulary: the
+    distillation loss compares the two next-token distributions id by id."""
+    if not name:
+        raise StageError("train", "student.method gkd needs student.teacher_model",
+                         "set it to a local causal LM (path or cached id) sharing the student's "
+                         "tokenizer, or use method: sft")
+    if SCRATCH.fullmatch(name):
+        raise StageError("train", "student.teacher_model must be a trained causal LM, not scratch",
+                         "point it at a local model directory or cached id")
+    teacher = load_base(name, spec_dir, cache_dir, ())
+    with_chat_markers(teacher)
+    if teacher.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise StageError("train", f"student.teacher_model '{name}' has a different vocabulary "
+                                  "from the student",
+                         "on-policy distillation needs a teacher of the same model family "
+                         "(same tokenizer); a scratch student can only use method: sft")
+    return teacher.model.eval()
+
+
+# --------------------------------------------------------------------------- progress and logs
+
+def with_reporting(trainer, description: str, reporter):
+    """Swap Trainer's printer and progress bar for the stage's reporter."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ReporterCallback(description, reporter))
+    return trainer
+
+
+class ReporterCallback(TrainerCallback):
+    """Advances the stage's progress bar every optimiser step and logs each validation loss."""
+
+    def __init__(self, description: str, reporter):
+        self.description, self.reporter, self.advance = description, reporter, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.advance = self.reporter.progress(self.description, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.advance(1)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.reporter.log(f"{self.description}: epoch {state.epoch:g}, "
+                              f"val loss {metrics['eval_loss']:.4f}")
+
+
+def trainer_log(trainer) -> dict:
+    """What one phase did: steps, train loss at each logging step, validation loss per epoch."""
+    history = trainer.state.log_history
+    return {"steps": trainer.state.global_step,
+            "train_loss": [{"step": h["step"], "loss": round(h["loss"], 5)}
+                           for h in history if "loss" in h],
+            "epochs": [{"epoch": round(h["epoch"], 3), "val_loss": round(h["eval_loss"], 5)}
+                       for h in history if "eval_loss" in h],
+            "best_val_loss": (None if trainer.state.best_metric is None
+                              else round(trainer.state.best_metric, 5)),
+            "seconds": round(next((h["train_runtime"] for h in history
+                                   if "train_runtime" in h), 0.0), 2)}
+
+
+def final_val_loss(log: dict) -> float | None:
+    if "val_loss" in log.get("distillation", {}):
+        return log["distillation"]["val_loss"]
+    if log["sft"].get("best_val_loss") is not None:  # early stopping kept that epoch
+        return log["sft"]["best_val_loss"]
+    epochs = log["sft"]["epochs"]
+    return epochs[-1]["val_loss"] if epochs else None
+
+
+def hyperparameters(student) -> dict:
+    return {k: getattr(student, k) for k in ("epochs", "learning_rate", "batch_size",
+                                             "warmup_ratio", "weight_decay", "max_length", "seed")}
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+def finished(model):
+    """The trained model as it ships: adapters merged, fp32, on CPU, in eval mode."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.to(device="cpu", dtype=torch.float32).eval()
+
+
+def write_checkpoint(out: Path, model, tokenizer, chat: ChatFormat, log: dict) -> None:
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    (out / "chat.json").write_text(json.dumps(chat.to_dict(), indent=2))
+    (out / "train_log.json").write_text(json.dumps(log, indent=2))

@@ -1,0 +1,171 @@
+"""Replay recorded teacher traffic (`teacher.logs`) as examples, with no live teacher.
+
+Accepted files, one record per line or row:
+- JSONL chat logs in OpenAI format: `{"messages": [...], "response": {assistant message},
+  "logprobs": optional}`, or the request/response shape `{"request": {"messages": [...]},
+  "response": {"choices": [{"message": ..., "logprobs": ...}]}}`;
+- JSONL rows `{"input": str | object, "label": ...}` (classify) or `{"input", "output"}` (extract);
+- CSV with a header naming the input column (input | text | message) and, for classify, the
+  label column (label | category | intent), as in banking77's `text,category`.
+
+A string input goes into the input schema's single string property. A label is mapped onto
+the spec's label names when it matches one up to case and punctuation, else kept as written:
+curate drops the ones outside the spec's label set, and counts them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..data import records
+from ..errors import StageError
+from ..spec.models import class_labels
+from .labels import label_distribution, label_of
+
+INPUT_COLUMNS = ("input", "text", "message")
+LABEL_COLUMNS = ("label", "category", "intent")
+
+
+class LogReader:
+    def __init__(self, spec, spec_dir: Path):
+        self.task = spec.task
+        self.labels = class_labels(spec.intents, spec.refusals)
+        self.field = records.message_field(spec.input.schema_)
+        self.model = spec.teacher.model
+        self.spec_dir = spec_dir
+
+    def replay(self, logs: tuple[str, ...]) -> list[dict]:
+        out: list[dict] = []
+        for name in logs:
+            path = self.spec_dir / name
+            rows = self._csv(path, name) if path.suffix.lower() == ".csv" else self._jsonl(path, name)
+            out += [self._record(row, f"{name}:{line}") for line, row in rows]
+        return out
+
+    # ----------------------------------------------------------------- files -> rows
+
+    def _csv(self, path: Path, name: str) -> Iterator[tuple[int, dict]]:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = {c.strip().lower(): c for c in reader.fieldnames or ()}
+            text = next((columns[c] for c in INPUT_COLUMNS if c in columns), None)
+            label = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
+            if text is None or (self.task == "classify" and label is None):
+                raise StageError("generate", f"{name}: CSV header {list(columns)} names no "
+                                 f"input column ({'|'.join(INPUT_COLUMNS)}) or label column "
+                                 f"({'|'.join(LABEL_COLUMNS)})", "rename the header columns")
+            for line, row in enumerate(reader, start=2):
+                yield line, {"input": row[text], "label": row[label] if label else None}
+
+    def _jsonl(self, path: Path, name: str) -> Iterator[tuple[int, dict]]:
+        with open(path, encoding="utf-8") as f:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except ValueError as exc:
+                    raise StageError("generate", f"{name}:{line}: not a JSON line ({exc})",
+                                     "fix or remove the line") from None
+                if not isinstance(row, dict) or not ({"input", "messages", "request"} & row.keys()):
+                    raise StageError("generate", f"{name}:{line}: expected a chat log line "
+                                     "({messages, response}) or a row ({input, label|output})",
+                                     "see the teacher.logs formats in logs.py")
+                yield line, row
+
+    # ----------------------------------------------------------------- rows -> records
+
+    def _record(self, row: dict, where: str) -> dict:
+        provenance = {"request": None, "model": self.model, "cost_usd": 0.0, "log": where}
+        if "input" in row:
+            return self._row_record(row, where, provenance)
+        request = row.get("request") or {"messages": row.get("messages")}
+        response = row.get("response") or {}
+        if "choices" in response:
+            provenance["model"] = response.get("model", self.model)
+            choice = response["choices"][0]
+            message, logprobs = choice.get("message") or {}, choice.get("logprobs")
+        else:
+            message, logprobs = response, row.get("logprobs")
+        messages = [m for m in request.get("messages") or [] if m.get("role") != "system"]
+        if self.task == "agent":
+            return records.example(input=_offered_tools(request), target=None,
+                                   messages=messages + [_assistant(message)],
+                                   cohort="log", source="log", provenance=provenance)
+        user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
+        if not isinstance(user, str):
+            raise StageError("generate", f"{where}: a chat log line needs a user message",
+                             "log the request's messages")
+        content = message.get("content")
+        if self.task == "extract":
+            return records.example(input=self._input(user, where), target=_json_or_text(content),
+                                   cohort="log", source="log", provenance=provenance)
+        label = label_of(content, self.labels)
+        soft = None
+        tokens = _tokens(logprobs)
+        if label and tokens:
+            soft = label_distribution(tokens, self.labels, label)
+        return records.example(input=self._input(user, where), target=label or content, soft=soft,
+                               cohort="log", source="log", provenance=provenance)
+
+    def _row_record(self, row: dict, where: str, provenance: dict) -> dict:
+        target = row.get("label") if self.task == "classify" else row.get("output", row.get("target"))
+        if isinstance(target, str) and self.task == "classify":
+            # Datasets spell labels loosely (banking77: `Refund_not_showing_up`,
+            # `reverted_card_payment?`); map them onto the spec's label names when one matches.
+            target = label_of(target, self.labels) or target.strip()
+        return records.example(input=self._input(row["input"], where), target=target,
+                               soft=row.get("soft"), gold=row.get("gold"), cohort="log",
+                               source="log", provenance=provenance)
+
+    def _input(self, value: Any, where: str) -> Any:
+        if not isinstance(value, str):
+            return value
+        if self.field is None:
+            raise StageError("generate", f"{where}: the input is text but input.schema has no "
+                             "string property to put it in", "log inputs as objects")
+        return {self.field: value}
+
+
+def _offered_tools(request: dict) -> dict | None:
+    """The tools a logged request offered, by name: the trace is replayed with just these, as
+    production saw it. None (all the spec's tools) when the log does not say."""
+    names = [t.get("function", t).get("name") for t in request.get("tools") or ()
+             if isinstance(t, dict)]
+    return {"tools": sorted(n for n in names if isinstance(n, str))} if names else None
+
+
+def _assistant(message: dict) -> dict:
+    out = {"role": "assistant", "content": message.get("content")}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {**call, "function": {**call["function"], "arguments": _as_json_string(
+                call["function"].get("arguments"))}} for call in message["tool_calls"]]
+    return out
+
+
+def _as_json_string(arguments: Any) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, sort_keys=True)
+
+
+def _json_or_text(content: Any) -> Any:
+    if not isinstance(content, str):
+        return content
+    try:
+        return json.loads(content)
+    except ValueError:
+        return content  # curate drops it under output_schema
+
+
+def _tokens(logprobs: Any) -> list[dict] | None:
+    """OpenAI `logprobs.content` in the shape label_distribution reads."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else logprobs
+    if not content:
+        return None
+    return [{"token": t["token"], "logprob": t["logprob"],
+             "top": [[a["token"], a["logprob"]] for a in t.get("top_logprobs") or []]}
+            for t in content]
