@@ -24,8 +24,9 @@ def decoder_parser(description: str, workdir: Path, scored: str) -> argparse.Arg
     """The options the decoder benchmarks share; each adds its own data options."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--workdir", type=Path, default=workdir)
-    parser.add_argument("--base", default="scratch:4x256",
-                        help="student.base: scratch:<layers>x<hidden>, gemma-3-270m, an HF id or path")
+    parser.add_argument("--base", default="smollm2-135m",
+                        help="student.base: smollm2-135m, gemma-3-270m, scratch:<layers>x<hidden>, "
+                             "an HF id or path")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     parser.add_argument("--until", default="export",
                         help=f"last compiler stage to run; {scored} is scored only after export")

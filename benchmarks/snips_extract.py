@@ -15,8 +15,10 @@ doubles CPU training time for 0.4% of the queries.
 Prints (and writes to <workdir>/results.json): intent accuracy, slot precision/recall/F1 micro
 over (slot type, value) pairs and per slot type, exact match of the whole answer, and schema
 validity with and without constrained decoding, on validate minus the queries train_full also
-has. CPU defaults subsample both sides per intent, seeded; `--train-per-intent 0
---eval-per-intent 0` uses everything (on a GPU, with `--base gemma-3-270m`).
+has. CPU defaults subsample both sides per intent, seeded, for the default base
+(`smollm2-135m`); `--base scratch:4x256` is the from-scratch student, `--set student.epochs=0`
+the untuned base (zero-shot); `--train-per-intent 0 --eval-per-intent 0` uses everything (on a
+GPU, with `--base gemma-3-270m`).
 Data: ../shared/datasets/snips (CC0, Sonos; cite Coucke et al. 2018, arXiv:1805.10190), read in
 place; the converted rows go to <workdir> (git-ignored).
 """
@@ -250,6 +252,9 @@ def evaluate_validate(spec, export_dir: Path, examples: Sequence[tuple[str, dict
                for text, output in examples]
     schema, targets = spec.output.schema_, [output for _, output in examples]
     decoder = Decoder(export_dir, threads=threads)
+    # The system turn's KV cache once, as a loaded bundle does (runtime.causal.load_causal).
+    decoder.warm(chat.render(chat.prepare([], chat.system_text(spec.description,
+                                                                output_schema=schema))))
     out: dict = {"shipped_quantize": spec.export.quantize}
     for constrain in (True, False):
         started = time.perf_counter()

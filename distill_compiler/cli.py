@@ -17,7 +17,9 @@ import click
 import yaml
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import ProgressColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import pipeline
 from . import spec as spec_mod
@@ -26,6 +28,13 @@ from .runtime.format import BundleError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a progress task (tokens/s while training, points/s evaluating)."""
+
+    def render(self, task) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:,.1f}/s")
 
 
 class RichReporter(pipeline.Reporter):
@@ -38,10 +47,14 @@ class RichReporter(pipeline.Reporter):
             Progress,
             TextColumn,
             TimeElapsedColumn,
+            TimeRemainingColumn,
         )
         self.console = console
+        # The rate and the ETA are what tell a user whether a CPU compile takes minutes or hours.
         self.bars = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=console, transient=True)
+                             RateColumn(),
+                             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                             console=console, transient=True)
 
     def log(self, message: str) -> None:
         self.console.print(message)
@@ -54,6 +67,8 @@ class RichReporter(pipeline.Reporter):
 
         def advance(n: int = 1) -> None:
             nonlocal done
+            if total is not None and done >= total:
+                return  # a total that was an estimate (tokens) may be overrun; the bar is gone
             done += n
             self.bars.advance(task, n)
             # Counted here: rich's task list is not indexed by task id once one was removed.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -238,13 +239,19 @@ def build(project: Project, *, until: str | None = None, force: tuple[str, ...] 
     for name in (until, *force):
         if name is not None and name not in names:
             raise UsageError(f"unknown stage '{name}' (stages: {', '.join(names)})")
+    rank, world = launched_ranks()
+    if rank > 0:
+        return _follow(project, stages, names[:names.index(until) + 1] if until else names)
     reporter = reporter or Reporter()
     store = Store(project.cache_root)
     lock = read_lock(project.build_dir)
     built: dict[str, Artifact] = {}
     runs: list[StageRun] = []
+    followers_waiting = world > 1
     for module in stages:
         name = stage_name(module)
+        if followers_waiting and name == TRAIN:
+            followers_waiting = _release_followers()
         inputs = {u: built[u] for u in module.INPUTS}
         key, record = _describe(module, project.spec, project,
                                 {u: a.digest for u, a in inputs.items()})
@@ -266,9 +273,59 @@ def build(project: Project, *, until: str | None = None, force: tuple[str, ...] 
         write_json_atomic(project.build_dir / "distill.lock", lock)
         if name == until:
             break
+    if followers_waiting:  # the build ended before train: let the other processes go
+        _release_followers()
     if "bundle" in built:
         publish_bundle(built["bundle"], project.bundle_dir)
     return BuildResult(project, runs)
+
+
+# --------------------------------------------------------------------------- several processes
+
+TRAIN = "train"
+
+
+def launched_ranks() -> tuple[int, int]:
+    """(rank, world size) when `accelerate launch` or torchrun started this process, else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier() -> None:
+    from accelerate import PartialState  # torch loads only for a multi-process build
+
+    PartialState().wait_for_everyone()
+
+
+def _release_followers() -> bool:
+    """The main process has built (or found) everything train reads."""
+    _barrier()
+    return False
+
+
+def _follow(project: Project, stages: list[ModuleType], names: list[str]) -> BuildResult:
+    """A non-main process of a multi-process build: it trains alongside the main process (DDP
+    through Trainer) and writes nothing. It waits until the main process has built what train
+    reads, so the teacher is never asked twice, then runs train into a scratch directory that
+    is discarded: the main process commits the checkpoint, and builds the rest alone."""
+    _barrier()
+    if TRAIN not in names:
+        return BuildResult(project, [])
+    store, built = Store(project.cache_root), {}
+    for module in stages:
+        name = stage_name(module)
+        inputs = {u: built[u] for u in module.INPUTS}
+        key, _ = _describe(module, project.spec, project, {u: a.digest for u, a in inputs.items()})
+        if name == TRAIN:
+            if store.get(name, key) is None:
+                with store.workdir(name) as scratch:
+                    module.run(StageContext(name, SpecView(project.spec, module.KEYED_ON),
+                                            project.spec_dir, inputs, scratch, project.cache_root))
+            return BuildResult(project, [])
+        built[name] = store.get(name, key)
+        if built[name] is None:
+            raise UsageError(f"{name}: not in the cache after the main process built it "
+                             f"({project.cache_root} must be shared by every process)")
+    return BuildResult(project, [])
 
 
 def _run_stage(module: ModuleType, name: str, key: str, project: Project,

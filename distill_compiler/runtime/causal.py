@@ -123,6 +123,15 @@ class CausalPolicy:
         return self.chat.render(self.chat.prepare(input["messages"], system, tools),
                                 add_generation_prompt=True)
 
+    def shared_prefix(self) -> str:
+        """The start every request's prompt shares: the system turn (for an agent, with all
+        the bundle's tools offered, as requests that name no tools get it)."""
+        if self.task == "extract":
+            system = self.chat.system_text(self.description, output_schema=self.output_schema)
+            return self.chat.render(self.chat.prepare([], system))
+        system = self.chat.system_text(self.description, self.tools)
+        return self.chat.render(self.chat.prepare([], system, self.tools))
+
     def trigger_text(self, input: dict) -> str:
         """What trigger patterns read: the extraction input, or the agent's last user turn."""
         if self.task == "extract":
@@ -207,6 +216,7 @@ def load_causal(root: Path, policy_data: dict, manifest: dict,
     policy = CausalPolicy(policy_data)
     try:
         decoder = Decoder(root, threads=threads)
+        decoder.warm(policy.shared_prefix())
     except BundleError:
         raise
     except Exception as exc:  # onnxruntime and tokenizers raise their own untyped errors

@@ -74,6 +74,8 @@ class Completion:
     new_tokens: int
     seconds: float
     truncated: bool = False   # max_new_tokens (or the context) ran out before the END marker
+    first_token_seconds: float = 0.0  # prompt in, first token chosen (time to first token)
+    cached_prefix: int = 0    # prompt tokens whose KV cache came from warm() instead of a prefill
 
     @property
     def tokens_per_second(self) -> float:
@@ -263,11 +265,23 @@ class Decoder:
     def __init__(self, directory: str | Path, threads: int | None = None,
                  providers: Sequence[str] | None = None, model: str = "model.onnx"):
         directory = Path(directory)
-        self.spec = DecoderSpec.load(directory / "decoder.json")
-        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        self.chat = ChatFormat.from_dict(json.loads((directory / "chat.json").read_text()))
-        self.graph = Graph(directory / model, self.spec, threads, providers)
+        spec = DecoderSpec.load(directory / "decoder.json")
+        self._bind(Graph(directory / model, spec, threads, providers), spec,
+                   Tokenizer.from_file(str(directory / "tokenizer.json")),
+                   ChatFormat.from_dict(json.loads((directory / "chat.json").read_text())))
+
+    @classmethod
+    def over(cls, graph, spec: DecoderSpec, tokenizer: Tokenizer, chat: ChatFormat) -> Decoder:
+        """A decoder over any graph with `empty_cache()` and `step()` (Graph's interface): the
+        compiler decodes the model it is training this way, with the runtime's own masks."""
+        decoder = cls.__new__(cls)
+        decoder._bind(graph, spec, tokenizer, chat)
+        return decoder
+
+    def _bind(self, graph, spec: DecoderSpec, tokenizer: Tokenizer, chat: ChatFormat) -> None:
+        self.graph, self.spec, self.tokenizer, self.chat = graph, spec, tokenizer, chat
         self.end_id = self.spec.stop_token_ids[0]
+        self._prefixes: list[tuple[list[int], list[np.ndarray]]] = []
         self._vocab: Vocabulary | None = None
         self._crossing: list[tuple[int, int]] | None = None
         self._constraints: dict[str, JsonConstraint] = {}
@@ -311,6 +325,28 @@ class Decoder:
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=self.spec.add_special_tokens).ids
 
+    def warm(self, prefix: str) -> int:
+        """Compute the KV cache of a prompt start that many requests share (a bundle's system
+        turn: its description and tool signatures) once; a prompt that begins with its tokens
+        then prefills only the rest. Returns the prefix's length in tokens.
+
+        Only for graphs whose caches are values (onnxruntime returns new arrays each step);
+        a prompt whose tokens do not start with the prefix's (a different tokenization at the
+        seam) is prefilled whole, so answers never change."""
+        ids = self.encode(prefix)
+        if ids:
+            _, cache = self.graph.step(ids, 0, self.graph.empty_cache())
+            self._prefixes.append((ids, cache))
+        return len(ids)
+
+    def _prefill(self, prompt_ids: list[int]) -> tuple[np.ndarray, list, int]:
+        """Logits after the prompt, its cache, and how many of its tokens came cached."""
+        for ids, cache in self._prefixes:
+            n = len(ids)
+            if n < len(prompt_ids) and prompt_ids[:n] == ids:
+                return (*self.graph.step(prompt_ids[n:], n, cache), n)
+        return (*self.graph.step(prompt_ids, 0, self.graph.empty_cache()), 0)
+
     def complete(self, prompt: str, mode: Extract | Agent | None = None,
                  max_new_tokens: int = 256, constrain: bool = True) -> Completion:
         """Continue `prompt` (rendered chat text ending in the generation prompt)."""
@@ -325,10 +361,11 @@ class Decoder:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model reads at most "
                              f"{self.spec.context_length}")
         guide = self.guide(mode) if constrain else Guide()
-        logits, cache = self.graph.step(prompt_ids, 0, self.graph.empty_cache())
-        tokens, logprobs, choices = [], [], []
+        logits, cache, cached = self._prefill(prompt_ids)
+        tokens, logprobs, choices, first = [], [], [], 0.0
         while len(tokens) < min(max_new_tokens, room):
             token, logprob, choice = pick(logits, guide)
+            first = first or time.perf_counter() - started
             tokens.append(token)
             logprobs.append(logprob)
             if choice:
@@ -343,7 +380,8 @@ class Decoder:
         return Completion(
             text=text, message=self.chat.parse(text), token_ids=tokens, logprobs=logprobs,
             confidence=float(np.exp(min(choices))) if choices else 1.0, new_tokens=len(tokens),
-            seconds=time.perf_counter() - started, truncated=not finished)
+            seconds=time.perf_counter() - started, truncated=not finished,
+            first_token_seconds=first, cached_prefix=cached)
 
 
 def crossing_tokens(vocab: Vocabulary) -> list[tuple[int, int]]:

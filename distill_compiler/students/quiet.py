@@ -27,6 +27,20 @@ def quiet_training_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # peft and TRL still call transformers' deprecated checkpointing query on every wrap.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """Around code that draws plain tqdm bars transformers' switch does not reach (the GGUF
+    loader's conversion bar). tqdm reads TQDM_DISABLE only when it is imported, so the bar's
+    stream is redirected instead; exceptions still propagate."""
+    if not quiet_enabled():
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 @contextlib.contextmanager

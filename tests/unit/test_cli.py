@@ -85,3 +85,21 @@ def test_light_commands_never_import_torch(command, tmp_path):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_a_progress_bar_survives_more_work_than_its_estimate():
+    """Training bars count tokens against an estimate; overrunning it must not fail the stage."""
+    import io
+
+    from rich.console import Console
+
+    from distill_compiler.cli import RichReporter
+
+    reporter = RichReporter(Console(file=io.StringIO()))
+    advance = reporter.progress("fine-tuning (tokens)", 10)
+    for n in (8, 8, 3):
+        advance(n)
+    other = reporter.progress("evaluate", 2)
+    other(2)
+    assert not reporter.bars.tasks
+    reporter.close()

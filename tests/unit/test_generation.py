@@ -12,7 +12,7 @@ from tiny_causal import EXTRACT_SCHEMA, TOOLS, agent_record, causal_spec, extrac
 from distill_compiler.runtime import decoder as generation
 from distill_compiler.runtime.chat_format import CALL_OPEN, ChatFormat
 from distill_compiler.runtime.decoder import Agent, Decoder, Extract
-from distill_compiler.students.causal.data import points
+from distill_compiler.students.causal.data import points, spec_tools
 
 CHAT = ChatFormat()
 # The fixture schema with its one free string bounded, so that even random weights finish.
@@ -103,6 +103,21 @@ def test_kv_cache_steps_match_a_full_recompute(exported_causal):
     c = decoder.generate(ids, None, 12, constrain=False)
     full, _ = decoder.graph.step(ids + c.token_ids[:-1], 0, decoder.graph.empty_cache())
     assert int(np.argmax(full)) == c.token_ids[-1]
+
+
+def test_a_warmed_system_turn_changes_no_answer(exported_causal):
+    """warm() caches the shared prompt start; prompts that begin with it prefill only the rest
+    and decode exactly as a full prefill does."""
+    cold, warm = Decoder(exported_causal), Decoder(exported_causal)
+    spec = causal_spec("agent")
+    system = CHAT.system_text(spec.description, spec_tools(spec))
+    assert warm.warm(CHAT.render(CHAT.prepare([], system, []))) > 0
+    for prompt in prompts("agent", [50, 51]):
+        a = cold.complete(prompt, Agent(TOOLS), 24)
+        b = warm.complete(prompt, Agent(TOOLS), 24)
+        assert b.token_ids == a.token_ids and a.cached_prefix == 0 < b.cached_prefix
+        assert b.first_token_seconds > 0
+    assert warm.complete("unrelated", None, 4, constrain=False).cached_prefix == 0
 
 
 def test_running_out_of_tokens_inside_a_value_is_reported(exported_causal):

