@@ -75,7 +75,12 @@ def parse_sets(values: tuple[str, ...]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set expects key=value, got '{item}'")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw else ""
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise UsageError(f"--set {key}: the value is not a YAML scalar ({problem}); "
+                             "quote it, e.g. --set 'name=\"my name\"'") from None
     return parsed
 
 
