@@ -90,7 +90,12 @@ def parse_sets(values: tuple[str, ...]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set expects key=value, got '{item}'")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw else ""
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise UsageError(f"--set {key}: the value is not a YAML scalar ({problem}); "
+                             "quote it, e.g. --set 'name=\"my name\"'") from None
     return parsed
 
 
@@ -241,7 +246,7 @@ def _fmt(value) -> str:
 @app.command("run")
 @click.argument("bundle", type=click.Path(file_okay=False, exists=True))
 @click.argument("request", metavar="INPUT", required=False)
-@click.option("--file", "batch_file", type=click.File("r"),
+@click.option("--file", "batch_file", type=click.File("rb"),
               help="JSONL of inputs, one request per line ('-' for stdin).")
 def run_cmd(bundle: str, request: str | None, batch_file) -> None:
     """Answer INPUT (a JSON object) with a bundle, printing route and confidence as JSON."""
@@ -249,6 +254,7 @@ def run_cmd(bundle: str, request: str | None, batch_file) -> None:
 
     loaded = runtime.load_bundle(bundle)
     if batch_file is not None:
+        # Read as bytes: a line that is not UTF-8 is that line's input error, not a traceback.
         inputs = [_json_arg(line, f"line {i}") for i, line in enumerate(batch_file, 1)
                   if line.strip()]
         for answer in loaded.predict_batch(inputs):
@@ -256,18 +262,15 @@ def run_cmd(bundle: str, request: str | None, batch_file) -> None:
         return
     if request is None:
         raise UsageError("give INPUT as a JSON object, e.g. '{\"message\": \"hi\"}', or --file")
-    click.echo(json.dumps(loaded.predict(_json_arg(request, "INPUT")), ensure_ascii=False,
+    click.echo(json.dumps(loaded.predict(_json_arg(request, "$")), ensure_ascii=False,
                           indent=2))
 
 
-def _json_arg(text: str, where: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{where} is not valid JSON: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{where} must be a JSON object, e.g. '{{\"message\": \"hi\"}}'")
-    return value
+def _json_arg(text: str | bytes, where: str):
+    """One request as JSON; the bundle's own check refuses what is not an input for it."""
+    from .runtime.inputs import parse_json
+
+    return parse_json(text, where)
 
 
 @app.command("serve")

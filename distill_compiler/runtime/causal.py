@@ -41,8 +41,20 @@ from .format import (
     check_inputs,
     read_triggers,
 )
+from .inputs import MAX_MESSAGE_CHARS, check_text, check_values, cut, parse_json, schema_error
 
 # What an agent request looks like: OpenAI chat messages, optionally naming the tools offered.
+# Every level the chat format reads is typed, so a wrong type anywhere is an InputError with
+# its path, never a KeyError inside rendering.
+TOOL_CALL_SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "string"}, "type": {"const": "function"},
+                   "function": {"type": "object",
+                                "properties": {"name": {"type": "string", "minLength": 1},
+                                               "arguments": {"type": ["string", "object", "null"]}},
+                                "required": ["name"]}},
+    "required": ["function"],
+}
 AGENT_INPUT_SCHEMA = {
     "type": "object",
     "properties": {
@@ -50,7 +62,8 @@ AGENT_INPUT_SCHEMA = {
             "type": "object",
             "properties": {"role": {"enum": ["system", "user", "assistant", "tool"]},
                            "content": {"type": ["string", "null"]},
-                           "tool_calls": {"type": "array"}},
+                           "tool_calls": {"type": ["array", "null"], "items": TOOL_CALL_SCHEMA},
+                           "tool_call_id": {"type": "string"}, "name": {"type": "string"}},
             "required": ["role"]}},
         "tools": {"type": "array", "items": {"type": "string"}},
     },
@@ -64,6 +77,22 @@ class Routed:
     route: str   # "student" | "teacher" | "refusal"
     reason: str
     rule: str    # trigger | truncated | refusal | low_confidence | confident
+
+
+def check_conversation(messages: list[dict]) -> None:
+    """An agent request needs a user turn with text, and tool-call arguments given as a string
+    must be JSON (the chat format parses them)."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise InputError("the conversation has no user message", "$.messages")
+    check_text(messages[users[-1]].get("content") or "", f"$.messages[{users[-1]}].content")
+    for i, m in enumerate(messages):
+        for j, call in enumerate(m.get("tool_calls") or ()):
+            arguments = call["function"].get("arguments")
+            if isinstance(arguments, str):
+                where = f"$.messages[{i}].tool_calls[{j}].function.arguments"
+                value = parse_json(arguments, where)
+                check_values(value, where)
 
 
 class CausalPolicy:
@@ -98,14 +127,21 @@ class CausalPolicy:
     # ------------------------------------------------------------------ requests
 
     def check_input(self, input: Any) -> None:
-        error = jsonschema.exceptions.best_match(self.validator.iter_errors(input))
+        """Refuse, as InputError, anything the student cannot be asked: see runtime/inputs.py."""
+        check_values(input)
+        error = schema_error(self.validator, input)
         if error is not None:
-            raise InputError(error.message, error.json_path)
-        if self.task == "agent":
-            unknown = sorted(set(input.get("tools") or ()) - {t["name"] for t in self.tools})
-            if unknown:
-                raise InputError(f"unknown tools {unknown}; the bundle knows "
-                                 f"{[t['name'] for t in self.tools]}", "$.tools")
+            raise error
+        if self.task == "extract":
+            if self.text_field is not None:
+                check_text(input.get(self.text_field), f"$.{self.text_field}")
+            return
+        unknown = sorted(set(input.get("tools") or ()) - {t["name"] for t in self.tools})
+        if unknown:
+            raise InputError(cut(f"unknown tools {unknown}; the bundle knows "
+                                 f"{[t['name'] for t in self.tools]}", MAX_MESSAGE_CHARS),
+                             "$.tools")
+        check_conversation(input["messages"])
 
     def offered(self, input: dict) -> list[dict]:
         names = input.get("tools")
@@ -193,15 +229,34 @@ class CausalBundle:
         return self.predict_batch([input])[0]
 
     def predict_batch(self, inputs: list[dict]) -> list[dict]:
-        """Answer each request in turn (decoding runs batch 1); one invalid input rejects the
-        batch before any decoding."""
+        """Answer each request in turn (decoding runs batch 1); one invalid input, or one whose
+        prompt cannot fit the decoder's context, rejects the batch before any decoding."""
         check_inputs(self.policy, inputs)
-        return [self.answer(item) for item in inputs]
+        where = "$.messages" if self.policy.task == "agent" else "$"
+        prompts = [self.prompt_ids(item, f"$[{i}]{where[1:]}" if len(inputs) > 1 else where)
+                   for i, item in enumerate(inputs)]
+        return [self.answer(item, ids) for item, ids in zip(inputs, prompts)]
 
-    def answer(self, input: dict) -> dict:
+    def prompt_ids(self, input: dict, where: str = "$") -> list[int]:
+        """The prompt's token ids; InputError when they leave no room in the context."""
+        prompt = self.policy.prompt(input)
+        context = self.decoder.spec.context_length
+        # No token stands for more characters than the vocabulary's longest entry, so a prompt
+        # longer than this cannot fit: refused without tokenizing megabytes first.
+        most_chars = context * self.decoder.max_token_chars
+        if len(prompt) > most_chars:
+            raise InputError(f"the prompt is {len(prompt)} characters; this student reads at "
+                             f"most {context} tokens (about {most_chars} characters)", where)
+        ids = self.decoder.encode(prompt)
+        if len(ids) >= context:
+            raise InputError(f"the prompt is {len(ids)} tokens; this student reads at most "
+                             f"{context} tokens, answer included", where)
+        return ids
+
+    def answer(self, input: dict, prompt_ids: list[int] | None = None) -> dict:
         """One validated request through the decoder and the policy."""
-        completion = self.decoder.complete(self.policy.prompt(input), self.policy.mode(input),
-                                           self.policy.max_new_tokens)
+        ids = self.prompt_ids(input) if prompt_ids is None else prompt_ids
+        completion = self.decoder.generate(ids, self.policy.mode(input), self.policy.max_new_tokens)
         routed = self.policy.decide(self.policy.trigger_text(input), completion.message,
                                     completion.confidence, completion.truncated)
         return {"output": self.policy.output(completion.message),

@@ -32,12 +32,12 @@ from .format import (
     POLICY_FORMAT,
     TOKENIZER_FILE,
     BundleError,
-    InputError,
     Trigger,
     check_inputs,
     input_text,
     read_triggers,
 )
+from .inputs import check_text, check_values, schema_error
 
 # Candidate pad tokens when tokenizer.json carries no padding config. The attention mask hides
 # padded positions, so any id would do; a real pad token just keeps the inputs conventional.
@@ -157,9 +157,13 @@ class Policy:
         self.validator = validator_cls(self.input_schema)
 
     def check_input(self, input: Any) -> None:
-        error = jsonschema.exceptions.best_match(self.validator.iter_errors(input))
+        """Refuse, as InputError, anything the model cannot be asked: see runtime/inputs.py."""
+        check_values(input)
+        error = schema_error(self.validator, input)
         if error is not None:
-            raise InputError(error.message, error.json_path)
+            raise error
+        if self.text_field is not None:
+            check_text(input.get(self.text_field), f"$.{self.text_field}")
 
     def text(self, input: dict) -> str:
         return input_text(input, self.text_field)

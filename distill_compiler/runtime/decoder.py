@@ -284,6 +284,7 @@ class Decoder:
         self._prefixes: list[tuple[list[int], list[np.ndarray]]] = []
         self._vocab: Vocabulary | None = None
         self._crossing: list[tuple[int, int]] | None = None
+        self._max_token_chars: int | None = None
         self._constraints: dict[str, JsonConstraint] = {}
 
     # -- what constrained decoding needs, built once: classifying the vocabulary is the cost
@@ -302,6 +303,13 @@ class Decoder:
         if self._crossing is None:
             self._crossing = crossing_tokens(self.vocab)
         return self._crossing
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: its vocabulary's longest entry."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
+        return self._max_token_chars
 
     def _encode_plain(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,29 +119,75 @@ def sha256_file(path: Path) -> str:
 
 
 def verify_manifest(root: Path) -> dict:
-    """Check every file manifest.json lists against its sha256; return the manifest."""
-    try:
-        manifest = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
-        files: dict[str, str] = manifest["files"]
-    except FileNotFoundError:
-        raise BundleError(f"{root}: no {MANIFEST_FILE}; is this a bundle directory?") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"{MANIFEST_FILE}: unreadable ({type(exc).__name__}: {exc})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise BundleError(f"{MANIFEST_FILE}: format {manifest.get('format')!r} is not supported")
-    unlisted = [name for name in REQUIRED_FILES if name not in files]
-    if unlisted:
-        raise BundleError(f"{MANIFEST_FILE}: does not list {', '.join(unlisted)}")
+    """Check a bundle before anything else reads it: a manifest of a format this runtime reads,
+    every listed file inside the bundle (no `..`, no symlink out) with its sha256, and no file
+    the manifest does not list. Returns the manifest."""
+    root = Path(root)
+    inside = root.resolve()
+    manifest = _read_manifest(root, inside)
+    files: dict[str, str] = manifest["files"]
     for name, expected in sorted(files.items()):
-        path = root / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise BundleError(f"{MANIFEST_FILE}: file name {name!r} leaves the bundle")
+        path = _inside(root, inside, name)
         if not path.is_file():
-            raise BundleError(f"{name}: missing from the bundle")
+            raise BundleError(f"{name}: missing from the bundle (listed in {MANIFEST_FILE})")
         if sha256_file(path) != expected:
             raise BundleError(f"{name}: sha256 does not match {MANIFEST_FILE}; the file was "
                               "modified or corrupted after the bundle was built")
+    extra = sorted(set(_present(root)) - set(files) - {MANIFEST_FILE})
+    if extra:
+        raise BundleError(f"{', '.join(extra[:5])}: not listed in {MANIFEST_FILE}; the bundle "
+                          "was changed after it was built (remove the extra files or rebuild)")
     return manifest
+
+
+def _read_manifest(root: Path, inside: Path) -> dict:
+    path = root / MANIFEST_FILE
+    if path.is_symlink() and not path.resolve().is_relative_to(inside):
+        raise BundleError(f"{MANIFEST_FILE}: a symlink that points out of the bundle")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise BundleError(f"{root}: no {MANIFEST_FILE}; is this a bundle directory?") from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise BundleError(f"{MANIFEST_FILE}: unreadable ({type(exc).__name__}: {exc})") from None
+    version = manifest.get("format") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_FORMAT:
+        raise BundleError(f"{MANIFEST_FILE}: format {version} is newer than this runtime reads "
+                          f"({MANIFEST_FORMAT}); upgrade distill-compiler[runtime]")
+    if version != MANIFEST_FORMAT:
+        raise BundleError(f"{MANIFEST_FILE}: format {version!r} is not supported "
+                          f"(this runtime reads format {MANIFEST_FORMAT})")
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise BundleError(f"{MANIFEST_FILE}: `files` must map file names to sha256 strings")
+    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    if unlisted:
+        raise BundleError(f"{MANIFEST_FILE}: does not list {', '.join(unlisted)}")
+    return manifest
+
+
+def _inside(root: Path, inside: Path, name: str) -> Path:
+    """The path of a listed file, refused unless it stays in the bundle: a name with `..` or
+    an absolute one, or a symlink whose target is elsewhere, would read another file."""
+    parts = Path(name).parts
+    if not name or "\x00" in name or Path(name).is_absolute() or ".." in parts:
+        raise BundleError(f"{MANIFEST_FILE}: file name {name!r} leaves the bundle")
+    path = root / name
+    if not path.resolve().is_relative_to(inside):
+        raise BundleError(f"{name}: a symlink that points out of the bundle (to "
+                          f"{path.resolve()}); copy the file in instead")
+    return path
+
+
+def _present(root: Path) -> list[str]:
+    """Every file and link in the bundle, as manifest names; symlinked folders are not entered."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        base = Path(folder).relative_to(root)
+        links = [d for d in dirs if (Path(folder) / d).is_symlink()]
+        found += [(base / n).as_posix() for n in [*names, *links]]
+    return found
 
 
 def manifest_dict(name: str, task: str, spec_sha256: str, files: dict[str, str],

@@ -62,6 +62,7 @@ from ..errors import UsageError
 from ..runtime import load_bundle
 from ..runtime.classifier import Bundle
 from ..runtime.format import BundleError, InputError
+from ..runtime.inputs import parse_json
 from ..teacher.labels import label_of
 from .escalation_log import EscalationLog, classify_row
 
@@ -138,7 +139,7 @@ def _json_object(text: str) -> dict | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not an object after all: the text is the input
         return None
     return value if isinstance(value, dict) else None
 
@@ -346,8 +347,7 @@ class Service:
         try:
             self.bundle.policy.check_input(input)
         except InputError as exc:
-            raise ApiError(422, f"input does not match the bundle's input schema: {exc}",
-                           "input_schema") from None
+            raise ApiError(422, str(exc), "input_schema") from None  # runtime/inputs.py
         result = await self.student.predict(input)
         info = {"route": result["route"], "reason": result["reason"], "label": result["label"],
                 "confidence": round(result["confidence"], 4)}
@@ -393,9 +393,9 @@ class Service:
                 raise _too_large(limit)
             chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
-        except ValueError as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_json") from None
+            return parse_json(b"".join(chunks))
+        except InputError as exc:
+            raise ApiError(400, f"{exc} (the request body)", "invalid_json") from None
 
     def _completion(self, content: str, info: dict, usage: dict) -> dict:
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
@@ -433,6 +433,13 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
     return exc.response()
 
 
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug still answers in the OpenAI error shape (uvicorn logs the traceback), never as a
+    plain-text 500 a client cannot parse."""
+    return ApiError(500, f"internal error ({type(exc).__name__}); the server log has the "
+                    "traceback", "internal_error", "server_error").response()
+
+
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
@@ -456,7 +463,8 @@ def create_app(service: Service):
               Route("/health", service.health, methods=["GET"]),
               Route("/metrics", service.prometheus, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={ApiError: _api_error, HTTPException: _http_error})
+                    exception_handlers={ApiError: _api_error, HTTPException: _http_error,
+                                        Exception: _internal_error})
     return Observed(app, service.metrics)
 
 

@@ -78,6 +78,13 @@ def check_names(spec: Spec) -> list[Finding]:
                 found.append(((section, i, "name"), f"'{OUT_OF_SCOPE}' is reserved",
                               "out-of-scope is built in; pick another name"))
             seen.setdefault(item.name, section)
+    claimed: dict[str, str] = {}
+    for i, intent in enumerate(spec.intents):
+        for j, raw in enumerate(intent.log_labels):
+            if claimed.setdefault(raw, intent.name) != intent.name:
+                found.append((("intents", i, "log_labels", j),
+                              f"log label {raw!r} already means intent '{claimed[raw]}'",
+                              "a log label can mean one intent only"))
     tools: set[str] = set()
     for i, tool in enumerate(spec.tools):
         if tool.name in tools:

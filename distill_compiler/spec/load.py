@@ -21,11 +21,28 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
     """Read, validate and cross-check a spec file; raise SpecError listing every problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise SpecError(str(path), [Problem("", f"cannot read spec: {exc.strerror}",
                                             "check the path")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), [_not_utf8(raw, exc)]) from None
     return parse_spec(text, str(path), overrides)
+
+
+def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> Problem:
+    """Where a spec file stops being UTF-8; the snippet shows the bad byte escaped."""
+    start = raw.rfind(b"\n", 0, exc.start) + 1
+    end = raw.find(b"\n", exc.start)
+    row = yamlpos.escaped(raw[start:end if end >= 0 else len(raw)].decode("utf-8",
+                                                                             "backslashreplace"))
+    line = raw.count(b"\n", 0, exc.start) + 1
+    col = len(yamlpos.escaped(raw[start:exc.start].decode("utf-8", "backslashreplace"))) + 1
+    snippet = yamlpos.Located(None, [""] * (line - 1) + [row]).snippet(line, col)
+    return Problem("", f"the file is not UTF-8: byte 0x{raw[exc.start]:02x} cannot be read here",
+                   "save the file as UTF-8", line, col, snippet)
 
 
 def parse_spec(text: str, file: str = "spec.yaml", overrides: dict[str, Any] | None = None) -> Spec:
@@ -71,6 +88,9 @@ def _pydantic_problem(err: dict, located: yamlpos.Located) -> Problem:
     if kind == "missing":
         return located.problem(path, "required field is missing", f"add `{path[-1]}:`", key=True)
     msg = err["msg"]
+    if kind in ("string_type", "literal_error") and located.not_a_string(path):
+        message, hint = located.not_a_string(path)
+        return located.problem(path, message, hint)
     if kind == "literal_error":
         hint = None
     elif kind == "string_pattern_mismatch":

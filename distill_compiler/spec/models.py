@@ -47,6 +47,8 @@ class IntentSpec(Section):
     """A few real user messages of this intent; seeds for generation."""
     confusable_with: tuple[str, ...] = ()
     """Other intents users mix up with this one; hard negatives are generated between them."""
+    log_labels: tuple[str, ...] = ()
+    """Labels that mean this intent in `teacher.logs` rows, exactly as the log spells them (banking77: `Refund_not_showing_up`, `reverted_card_payment?`); a row label matching neither these nor a name (up to case and punctuation) stops generate with its count."""
 
 
 class ToolSpec(Section):

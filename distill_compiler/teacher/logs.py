@@ -8,15 +8,21 @@ Accepted files, one record per line or row:
 - CSV with a header naming the input column (input | text | message) and, for classify, the
   label column (label | category | intent), as in banking77's `text,category`.
 
-A string input goes into the input schema's single string property. A label is mapped onto
-the spec's label names when it matches one up to case and punctuation, else kept as written:
-curate drops the ones outside the spec's label set, and counts them.
+A string input goes into the input schema's single string property. A row's label is mapped
+onto an intent when the intent lists it in `log_labels` (exactly as written), else when it
+matches a label name up to case and punctuation. A row label that matches nothing stops the
+stage with every such label, its row count and a did-you-mean, rather than losing those rows:
+the fix is a `log_labels:` entry or an intent. (A chat log's answer is the teacher's text; one
+that names no label is kept as written and counted by curate.)
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import json
+import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ from typing import Any
 from ..data import records
 from ..errors import StageError
 from ..spec.models import class_labels
-from .labels import label_distribution, label_of
+from .labels import label_distribution, label_of, normalize_label
 
 INPUT_COLUMNS = ("input", "text", "message")
 LABEL_COLUMNS = ("label", "category", "intent")
@@ -37,6 +43,9 @@ class LogReader:
         self.field = records.message_field(spec.input.schema_)
         self.model = spec.teacher.model
         self.spec_dir = spec_dir
+        # A log's own spelling of a label -> the intent whose `log_labels` lists it.
+        self.aliases = {raw: intent.name for intent in spec.intents for raw in intent.log_labels}
+        self.unmapped: Counter[str] = Counter()  # row labels that match no label: rows each
 
     def replay(self, logs: tuple[str, ...]) -> list[dict]:
         out: list[dict] = []
@@ -44,6 +53,8 @@ class LogReader:
             path = self.spec_dir / name
             rows = self._csv(path, name) if path.suffix.lower() == ".csv" else self._jsonl(path, name)
             out += [self._record(row, f"{name}:{line}") for line, row in rows]
+        if self.unmapped:
+            raise unmapped_labels_error(self.unmapped, self.labels)
         return out
 
     # ----------------------------------------------------------------- files -> rows
@@ -114,13 +125,25 @@ class LogReader:
 
     def _row_record(self, row: dict, where: str, provenance: dict) -> dict:
         target = row.get("label") if self.task == "classify" else row.get("output", row.get("target"))
-        if isinstance(target, str) and self.task == "classify":
-            # Datasets spell labels loosely (banking77: `Refund_not_showing_up`,
-            # `reverted_card_payment?`); map them onto the spec's label names when one matches.
-            target = label_of(target, self.labels) or target.strip()
+        if self.task == "classify":
+            target = self._label(target)
         return records.example(input=self._input(row["input"], where), target=target,
                                soft=row.get("soft"), gold=row.get("gold"), cohort="log",
                                source="log", provenance=provenance)
+
+    def _label(self, raw: Any) -> Any:
+        """A row's label as a spec label: the intent that lists it in `log_labels`, else the
+        label whose name it is up to case and punctuation; counted as unmapped otherwise."""
+        if not isinstance(raw, str):
+            return raw  # curate refuses a row without a label
+        raw = raw.strip()
+        if raw in self.aliases:
+            return self.aliases[raw]
+        name = log_label_name(raw)
+        if name in self.labels:
+            return name
+        self.unmapped[raw] += 1
+        return raw
 
     def _input(self, value: Any, where: str) -> Any:
         if not isinstance(value, str):
@@ -129,6 +152,27 @@ class LogReader:
             raise StageError("generate", f"{where}: the input is text but input.schema has no "
                              "string property to put it in", "log inputs as objects")
         return {self.field: value}
+
+
+def log_label_name(raw: str) -> str:
+    """`Refund_not_showing_up` -> `refund_not_showing_up`, `reverted_card_payment?` ->
+    `reverted_card_payment`: a log label as a spec name, punctuation dropped."""
+    return re.sub(r"[^a-z0-9_]", "", normalize_label(raw))
+
+
+def unmapped_labels_error(unmapped: Counter, labels: tuple[str, ...]) -> StageError:
+    """Every log label that names no spec label, with its row count and the closest label."""
+    lines = []
+    for raw, rows in sorted(unmapped.items(), key=lambda kv: (-kv[1], kv[0])):
+        close = difflib.get_close_matches(log_label_name(raw), labels, n=1, cutoff=0.5)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        lines.append(f"  {raw!r}: {rows} row{'s' if rows != 1 else ''}{guess}")
+    shown = "\n".join(lines[:30]) + (f"\n  ... and {len(lines) - 30} more" if len(lines) > 30 else "")
+    return StageError(
+        "generate", f"{len(unmapped)} log label(s) in {sum(unmapped.values())} rows match no "
+        f"intent:\n{shown}",
+        "add each to the intent it means as `log_labels: [...]` (exactly as the log spells "
+        "it), add the intent, or remove the rows")
 
 
 def _offered_tools(request: dict) -> dict | None:

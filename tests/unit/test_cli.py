@@ -34,6 +34,23 @@ def test_check_ok_and_errors(capsys):
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.parametrize("case", ["control_character", "unknown_tag", "yaml11_booleans",
+                                  "not_utf8", "alias_loop", "too_deep"])
+def test_check_reports_unreadable_yaml_as_spec_errors(case, capsys):
+    code = run_cli("check", str(GOLDEN / f"{case}.yaml"))
+    captured = capsys.readouterr()
+    assert code == EXIT_USAGE
+    assert f"{case}.yaml:" in captured.err and ": error: " in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_set_with_unreadable_yaml_is_a_usage_error(capsys):
+    code = run_cli("plan", str(EXAMPLE), "--set", "student.epochs=!!python/object:os.system x")
+    captured = capsys.readouterr()
+    assert code == EXIT_USAGE
+    assert "--set student.epochs" in captured.err and "Traceback" not in captured.err
+
+
 def test_show_fills_defaults_and_docs(capsys):
     assert run_cli("show", str(EXAMPLE)) == 0
     shown = capsys.readouterr().out

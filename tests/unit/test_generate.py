@@ -16,6 +16,7 @@ from distill_compiler.artifacts import Artifact
 from distill_compiler.errors import StageError
 from distill_compiler.pipeline import SpecView, StageContext
 from distill_compiler.spec.load import parse_spec
+from distill_compiler.spec.models import Spec
 from distill_compiler.stages import curate, generate
 from distill_compiler.teacher import client as teacher_mod
 
@@ -243,20 +244,46 @@ def test_csv_log_with_text_category_header(tmp_path):
 
 
 @pytest.mark.skipif(not BANKING77.is_file(), reason="banking77 is not on this machine")
-def test_banking77_csv_loads_as_a_classify_log(tmp_path):
+def test_banking77_csv_labels_the_spec_lacks_stop_generate_with_counts(tmp_path):
+    """Rows are never dropped silently: a spec with a few intents over banking77's 77 labels
+    is told which labels match none, how many rows each, and the closest intent."""
     text = CLASSIFY.split("teacher:")[0] + f"teacher:\n  logs: ['{BANKING77}']\n"
-    ctx, summary = run_generate(parse_spec(text), tmp_path)
-    records = examples(ctx)
-    assert summary["examples"] == len(records) == 10003
-    assert records[0]["input"] == {"message": "I am still waiting on my card?"}
-    assert records[0]["target"] == "card_arrival"
-    assert len({r["target"] for r in records}) == 77
+    with pytest.raises(StageError) as caught:
+        run_generate(parse_spec(text), tmp_path)
+    message = caught.value.render()
+    assert "log label(s) in" in message and "rows match no intent" in message
+    assert "'request_refund': 169 rows (did you mean 'refund'?)" in message
+    assert "log_labels" in caught.value.hint
+
+
+def test_log_labels_map_a_log_s_own_spelling_onto_intents(tmp_path):
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text", "category"], ["where is my refund", "Refund_not_showing_up"],
+                                 ["payment came back", "reverted_card_payment?"],
+                                 ["charged twice", "Billing"], ["hello", "greeting"],
+                                 ["hi", "greeting"], ["refund?", "refund_pending"]])
+    text = CLASSIFY.split("teacher:")[0] + "teacher:\n  logs: [rows.csv]\n"
+    spec = parse_spec(text)
+    intents = [i.model_dump(by_alias=True) for i in spec.intents]
+    for intent in intents:
+        if intent["name"] == "refund":
+            intent["log_labels"] = ["Refund_not_showing_up", "refund_pending"]
+    data = spec.model_dump(by_alias=True)
+    with pytest.raises(StageError, match=r"2 log label\(s\) in 3 rows match no intent") as caught:
+        run_generate(Spec.model_validate({**data, "intents": intents}), tmp_path)
+    assert "'greeting': 2 rows" in str(caught.value.render())
+    assert "'reverted_card_payment?': 1 row" in str(caught.value.render())
+    (tmp_path / "rows.csv").write_text("text,category\nwhere is my refund,Refund_not_showing_up\n"
+                                       "charged twice,Billing\nrefund?,refund_pending\n")
+    ctx, _ = run_generate(Spec.model_validate({**data, "intents": intents}), tmp_path)
+    assert [r["target"] for r in examples(ctx)] == ["refund", "billing", "refund"]
 
 
 def test_harbor_support_log_replays(tmp_path):
     log = REPO / "examples/harbor-support/data/teacher_log.jsonl"
-    text = CLASSIFY.split("teacher:")[0] + f"teacher:\n  logs: ['{log}']\n"
-    ctx, summary = run_generate(parse_spec(text), tmp_path)
+    example = (REPO / "examples/harbor-support/spec.yaml").read_text()
+    ctx, summary = run_generate(parse_spec(example.replace("data/teacher_log.jsonl", str(log))),
+                                tmp_path)
     assert summary["examples"] == 420
     assert {r["target"] for r in examples(ctx)} >= {"refund", "billing", "legal_advice", "other"}
 

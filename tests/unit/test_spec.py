@@ -84,3 +84,17 @@ def test_json_schema_accepts_reference_specs_and_carries_docs():
 def test_every_field_is_documented():
     undocumented = [name for name, _, doc in spec_mod.field_docs() if not doc]
     assert undocumented == []
+
+
+def test_a_log_label_can_mean_one_intent_only():
+    from distill_compiler.errors import SpecError
+    from distill_compiler.spec.load import parse_spec
+
+    text = ("name: demo\ntask: classify\nintents:\n"
+            "  - {name: refund, description: Money back., log_labels: [Refund_not_showing_up]}\n"
+            "  - {name: billing, description: Charges., log_labels: [Refund_not_showing_up]}\n"
+            "teacher: {logs: [log.csv]}\n")
+    with pytest.raises(SpecError, match=r"spec.yaml:5:\d+: error: intents\[1\]\.log_labels\[0\]: "
+                                        r"log label 'Refund_not_showing_up' already means intent "
+                                        r"'refund'"):
+        parse_spec(text)
