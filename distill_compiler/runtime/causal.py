@@ -53,6 +53,12 @@ AGENT_INPUT_SCHEMA = {
                            "tool_calls": {"type": "array"}},
             "required": ["role"]}},
         "tools": {"type": "array", "items": {"type": "string"}},
+        # OpenAI's: "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+        "tool_choice": {"anyOf": [
+            {"enum": ["auto", "none", "required"]},
+            {"type": "object", "properties": {"function": {
+                "type": "object", "properties": {"name": {"type": "string"}},
+                "required": ["name"]}}, "required": ["function"]}]},
     },
     "required": ["messages"],
 }
@@ -106,6 +112,10 @@ class CausalPolicy:
             if unknown:
                 raise InputError(f"unknown tools {unknown}; the bundle knows "
                                  f"{[t['name'] for t in self.tools]}", "$.tools")
+            named = _named_choice(input.get("tool_choice"))
+            if named is not None and named not in {t["name"] for t in self.offered(input)}:
+                raise InputError(f"tool_choice names {named!r}, which is not among the tools "
+                                 "offered", "$.tool_choice")
 
     def offered(self, input: dict) -> list[dict]:
         names = input.get("tools")
@@ -171,7 +181,16 @@ class CausalPolicy:
 
         if self.task == "extract":
             return Extract(self.output_schema)
-        return Agent(self.offered(input))
+        choice, tools = input.get("tool_choice") or "auto", self.offered(input)
+        named = _named_choice(choice)
+        if named is not None:  # a named function: a call is required, to that tool only
+            return Agent([t for t in tools if t["name"] == named], "required")
+        return Agent(tools, choice)
+
+
+def _named_choice(choice: Any) -> str | None:
+    """The tool a `{"function": {"name": ...}}` tool_choice names, else None."""
+    return choice["function"]["name"] if isinstance(choice, dict) else None
 
 
 class CausalBundle:
@@ -197,7 +216,7 @@ class CausalBundle:
                                     completion.confidence, completion.truncated)
         return {"output": self.policy.output(completion.message),
                 "confidence": routed.confidence, "route": routed.route, "reason": routed.reason,
-                "tokens": completion.new_tokens}
+                "tokens": completion.new_tokens, "truncated": completion.truncated}
 
 
 def load_causal(root: Path, policy_data: dict, manifest: dict,

@@ -41,10 +41,11 @@ def bundle_dir(tmp_path_factory, teacher) -> Path:
 
 @contextmanager
 def running(bundle_dir: Path, env: dict | None = None, log: Path | None = None,
-            limits: Limits = Limits(max_body_bytes=4096, teacher_timeout_s=5.0)):
-    """The server on 127.0.0.1 and a free port, in a thread; yields a client."""
+            limits: Limits = Limits(max_body_bytes=4096, teacher_timeout_s=5.0), **options):
+    """The server on 127.0.0.1 and a free port, in a thread; yields a client. `options` go to
+    build_service (guard, budget_usd, spans)."""
     service = build_service(bundle_dir, threads=1, escalation_log=log, limits=limits,
-                            env={KEY_ENV: "sk-test"} if env is None else env)
+                            env={KEY_ENV: "sk-test"} if env is None else env, **options)
     server, sock = uvicorn_server(service), listen("127.0.0.1", 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -1,0 +1,69 @@
+"""Chat completions over a classify bundle: the last user message is the input, the answer is
+a label, a refusal's fixed response, or the teacher's answer.
+
+On the teacher route, `distill.label` is the teacher's answer mapped onto the bundle's labels
+(null when it names none) beside `student_label`. When the request has no system message, a
+labelling prompt naming the bundle's labels is put first, so the teacher answers with a label
+the escalation log can record.
+"""
+
+from __future__ import annotations
+
+from ..runtime.format import InputError
+from ..teacher.labels import label_of
+from .escalation_log import classify_row
+from .openai_format import Reply
+from .request import ApiError, bundle_input, messages_of
+from .student import Wiring, fallback_info
+from .teacher import TeacherUnavailable
+
+
+class ClassifyTask:
+    def __init__(self, bundle, wiring: Wiring):
+        self.bundle, self.wiring = bundle, wiring
+
+    def describe(self) -> dict:
+        return {"task": "classify", "labels": self.bundle.labels}
+
+    async def answer(self, body: dict) -> Reply:
+        messages = messages_of(body)
+        input = bundle_input(messages, self.bundle.policy.text_field, "classify")
+        try:
+            self.bundle.policy.check_input(input)
+        except InputError as exc:
+            raise ApiError(422, f"input does not match the bundle's input schema: {exc}",
+                           "input_schema") from None
+        result = await self.wiring.student.predict(input)
+        info = {"route": result["route"], "reason": result["reason"], "label": result["label"],
+                "confidence": round(result["confidence"], 4)}
+        if result["route"] == "teacher":
+            return await self._escalate(messages, input, result, info)
+        content = result["output"].get("response") or result["label"]
+        return Reply({"role": "assistant", "content": content}, info)
+
+    async def _escalate(self, messages: list, input: dict, result: dict, info: dict) -> Reply:
+        if not any(m.get("role") == "system" for m in messages):
+            messages = [labelling_prompt(self.bundle.labels), *messages]
+        try:
+            answer = await self.wiring.ask_teacher(messages)
+            content = answer.message.get("content")
+            if not content:
+                raise TeacherUnavailable("the teacher returned no content")
+        except TeacherUnavailable as exc:
+            return Reply({"role": "assistant", "content": result["label"]},
+                         fallback_info(info, str(exc)))
+        label = label_of(content, tuple(self.bundle.labels))
+        self.wiring.append_log(classify_row(
+            input, label or content.strip().splitlines()[0], reason=result["reason"],
+            student_label=result["label"], student_confidence=result["confidence"],
+            model=self.wiring.teacher.model))
+        return Reply({"role": "assistant", "content": content}, {
+            **info, "label": label, "student_label": result["label"]}, answer.usage)
+
+
+def labelling_prompt(labels: list[str]) -> dict:
+    """The system message put before requests that have none, in the shape of label.j2."""
+    lines = "\n".join(f"- {label}: {label.replace('_', ' ')}" for label in labels)
+    return {"role": "system", "content": "You route each user message to exactly one label.\n"
+            f"Labels:\n{lines}\nAnswer with the label name only, exactly as written above: "
+            "no punctuation, no explanation."}

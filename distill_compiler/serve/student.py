@@ -1,0 +1,63 @@
+"""The student's worker threads, and what the server answers when the teacher cannot.
+
+onnxruntime releases the GIL, so `workers` requests run in parallel, each on one intra-op
+thread. Batching concurrent classify requests was measured and lost on CPU: int8 models pay for
+padding to the batch's longest input (on the harbor bundle, 145 single requests/s against 90/s
+in batches of 32, on one core).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+
+class StudentPool:
+    """Runs the student (or any call that needs the bundle) on a pool of worker threads."""
+
+    def __init__(self, predict: Callable[[dict], dict], workers: int):
+        self._predict = predict
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="distill-student")
+
+    async def predict(self, input: dict) -> dict:
+        return await self.run(self._predict, input)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def stop(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def fallback_info(info: dict, why: str) -> dict:
+    """The `distill` field of an escalation the teacher could not answer: the student's answer
+    stands, with route `student-fallback` and the reason it escalated and why it came back."""
+    return {**info, "route": "student-fallback", "reason": f"{info['reason']}; teacher "
+            f"unavailable: {why}"}
+
+
+@dataclass
+class Wiring:
+    """What the task handlers share: the student's workers, the teacher, the escalation log,
+    the counters and the spans."""
+
+    student: StudentPool
+    teacher: Any            # teacher.TeacherClient
+    log: Any                # escalation_log.AppendLog | None
+    metrics: Any            # metrics.Metrics
+    telemetry: Any          # telemetry.Telemetry
+
+    async def ask_teacher(self, messages: list[dict], **extra: Any):
+        """The teacher's answer (TeacherAnswer), in a child span when telemetry is on."""
+        with self.telemetry.teacher_call(self.teacher.model, self.teacher.provider) as span:
+            answer = await self.teacher.complete(messages, **extra)
+            span.teacher(answer, self.teacher.model)
+        return answer
+
+    def append_log(self, row: dict) -> None:
+        if self.log is not None:
+            self.log.append(row)
+            self.metrics.escalation_lines += 1
