@@ -70,7 +70,7 @@ class Metrics:
         budget = self.budget
         out = ["# HELP distill_teacher_spend_usd What teacher calls have cost in this process.",
                "# TYPE distill_teacher_spend_usd gauge",
-               f"distill_teacher_spend_usd {budget.spent_usd:.6f}"]
+               f"distill_teacher_spend_usd {budget.spent_usd:.9g}"]
         if budget.limit_usd is not None:
             out += ["# HELP distill_teacher_budget_usd The cap on teacher spend "
                     "(--teacher-budget-usd).", "# TYPE distill_teacher_budget_usd gauge",
