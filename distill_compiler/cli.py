@@ -278,6 +278,19 @@ def _json_arg(text: str, where: str) -> dict:
               help="Append one JSON line per completion (route, reason, status, latency, usage).")
 @click.option("--log-contents", is_flag=True,
               help="Also keep messages, tools and answers in the request log.")
+@click.option("--shadow-rate", type=click.FloatRange(0, 1), metavar="R",
+              help="Mirror this share of the requests the student answered to the teacher, in "
+                   "the background, and compare the answers.")
+@click.option("--shadow-log", type=click.Path(dir_okay=False),
+              help="Append each mirrored pair's teacher answer here, as a teacher.logs row.")
+@click.option("--drift-window", default=100, show_default=True, type=click.IntRange(1),
+              help="Mirrored requests the rolling agreement is computed over.")
+@click.option("--drift-margin", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="Drift: rolling agreement below the bundle's validation agreement by more.")
+@click.option("--drift-action", default="alert", show_default=True,
+              type=click.Choice(["alert", "escalate"]),
+              help="On drift, only warn (alert) or send all traffic to the teacher until the "
+                   "agreement recovers (escalate).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
               help="Larger request bodies get 413.")
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1),
@@ -288,8 +301,10 @@ def _json_arg(text: str, where: str) -> dict:
               help="Seconds to wait for the teacher before answering with the student.")
 def serve_cmd(bundle: str, host: str, port: int, threads: int | None, escalation_log: str | None,
               api_key_env: str | None, teacher_budget_usd: float | None,
-              request_log: str | None, log_contents: bool, max_body_bytes: int,
-              concurrency: int, request_timeout: float, teacher_timeout: float) -> None:
+              request_log: str | None, log_contents: bool, shadow_rate: float | None,
+              shadow_log: str | None, drift_window: int, drift_margin: float,
+              drift_action: str, max_body_bytes: int, concurrency: int,
+              request_timeout: float, teacher_timeout: float) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
     try:
         from .serve import server
@@ -298,10 +313,19 @@ def serve_cmd(bundle: str, host: str, port: int, threads: int | None, escalation
                          "pip install 'distill-compiler[serve]'") from None
     if log_contents and not request_log:
         raise UsageError("--log-contents needs --request-log FILE")
+    if shadow_log and not shadow_rate:
+        raise UsageError("--shadow-log needs --shadow-rate R")
+    shadow = None
+    if shadow_rate:
+        from .serve.shadow import ShadowConfig
+
+        shadow = ShadowConfig(shadow_rate, window=drift_window, margin=drift_margin,
+                              action=drift_action)
     limits = server.Limits(max_body_bytes, concurrency, request_timeout, teacher_timeout)
     guard = server.Guard(server.api_key_from(api_key_env, os.environ), request_log, log_contents)
     service = server.build_service(bundle, threads=threads, escalation_log=escalation_log,
-                                   limits=limits, guard=guard, budget_usd=teacher_budget_usd)
+                                   limits=limits, guard=guard, budget_usd=teacher_budget_usd,
+                                   shadow=shadow, shadow_log=shadow_log)
     server.serve(service, host, port)
 
 

@@ -12,7 +12,10 @@ chat format (`ChatFormat.system_text`, `user_text`).
     #  "confidence": 0.91, "route": "student", "reason": "confidence 0.91 >= 0.40"}
 
 The tool-calling loop belongs to the host: it runs each call, appends the assistant message
-and a `{"role": "tool", "content": ...}` message per call, and asks again. Extract requests
+and a `{"role": "tool", "content": ...}` message per call, and asks again. A request may name
+the tools offered (`"tools": ["get_order"]`) and a `tool_choice` as in OpenAI's API (`auto`,
+`none`, `required`, `{"type": "function", "function": {"name": ...}}`), which the decoder
+enforces. Extract requests
 are the input object (`{"message": "..."}`); the output is the extracted JSON object.
 
 Routes, first match wins: a trigger on the request's text sends it to the teacher; an output

@@ -27,12 +27,13 @@ from typing import Any
 
 import jsonschema
 
+from ..metrics import structured
 from ..runtime.chat_format import dumps
 from ..runtime.format import InputError
 from .escalation_log import agent_row, extract_row
 from .openai_format import Reply, with_call_ids
 from .request import ApiError, bundle_input, content_text, messages_of
-from .student import Wiring, fallback_info
+from .student import Turn, Wiring
 from .teacher import TeacherUnavailable
 
 CHOICES = ("auto", "none", "required")
@@ -63,12 +64,10 @@ class CausalTask:
             raise ApiError(status, f"the request does not match the bundle's input: {exc}",
                            "input_schema") from None
         result = await self.wiring.student.run(self._predict, input)
-        reply = self._student_reply(result)
-        if result["route"] != "teacher":
-            return reply
         if not any(m.get("role") in ("system", "developer") for m in messages):
             messages = [{"role": "system", "content": self.policy.description}, *messages]
-        return await self._escalate(messages, extra, input, result, reply)
+        turn = Turn(input, messages, extra, result, self._student_reply(result))
+        return await self.wiring.finish(self, turn)
 
     # ------------------------------------------------------------------ requests
 
@@ -139,22 +138,29 @@ class CausalTask:
                 "confidence": round(result["confidence"], 4)}
         return Reply(message, info, usage, finish)
 
-    async def _escalate(self, messages: list[dict], extra: dict, input: dict, result: dict,
-                        student: Reply) -> Reply:
-        try:
-            answer = await self.wiring.ask_teacher(messages, **extra)
-            message = self._checked(answer.message, extra)
-        except TeacherUnavailable as exc:
-            return Reply(student.message, fallback_info(student.info, str(exc)), student.usage,
-                         student.finish_reason)
-        meta = {"reason": result["reason"], "student_confidence": round(result["confidence"], 4),
-                "student_output": result["output"], "model": self.wiring.teacher.model}
-        if self.policy.task == "extract":
-            self.wiring.append_log(extract_row(input, json.loads(message["content"]), meta))
-        else:
-            self.wiring.append_log(agent_row(messages, extra["tools"], message, meta))
+    def teacher_reply(self, turn: Turn, answer, info: dict) -> Reply:
+        """The teacher's answer when it fits the bundle; else TeacherUnavailable."""
+        message = self._checked(answer.message, turn.extra)
         finish = "tool_calls" if message.get("tool_calls") else "stop"
-        return Reply(message, student.info, answer.usage, finish)
+        return Reply(message, info, answer.usage, finish)
+
+    def log_row(self, turn: Turn, reply: Reply) -> dict:
+        meta = {"reason": turn.student.info["reason"],
+                "student_confidence": round(turn.result["confidence"], 4),
+                "student_output": turn.result["output"], "model": self.wiring.teacher.model}
+        if self.policy.task == "extract":
+            return extract_row(turn.input, json.loads(reply.message["content"]), meta)
+        return agent_row(turn.messages, turn.extra["tools"], reply.message, meta)
+
+    def compare(self, turn: Turn, reply: Reply) -> tuple[bool, str]:
+        """(whether the answers agree as evaluate scores them, the student's tool or `text`)."""
+        student = turn.student.message
+        if self.policy.task == "extract":
+            return (structured.extraction_agrees(student.get("content"),
+                                                 json.loads(reply.message["content"])), "extract")
+        calls = student.get("tool_calls") or ()
+        return (structured.turn_agrees(student, reply.message),
+                calls[0]["function"]["name"] if calls else "text")
 
     def _checked(self, message: dict, extra: dict) -> dict:
         """The teacher's message when it fits the bundle, with call ids; else TeacherUnavailable."""

@@ -14,7 +14,7 @@ from ..teacher.labels import label_of
 from .escalation_log import classify_row
 from .openai_format import Reply
 from .request import ApiError, bundle_input, messages_of
-from .student import Wiring, fallback_info
+from .student import Turn, Wiring
 from .teacher import TeacherUnavailable
 
 
@@ -36,29 +36,31 @@ class ClassifyTask:
         result = await self.wiring.student.predict(input)
         info = {"route": result["route"], "reason": result["reason"], "label": result["label"],
                 "confidence": round(result["confidence"], 4)}
-        if result["route"] == "teacher":
-            return await self._escalate(messages, input, result, info)
         content = result["output"].get("response") or result["label"]
-        return Reply({"role": "assistant", "content": content}, info)
-
-    async def _escalate(self, messages: list, input: dict, result: dict, info: dict) -> Reply:
         if not any(m.get("role") == "system" for m in messages):
             messages = [labelling_prompt(self.bundle.labels), *messages]
-        try:
-            answer = await self.wiring.ask_teacher(messages)
-            content = answer.message.get("content")
-            if not content:
-                raise TeacherUnavailable("the teacher returned no content")
-        except TeacherUnavailable as exc:
-            return Reply({"role": "assistant", "content": result["label"]},
-                         fallback_info(info, str(exc)))
+        turn = Turn(input, messages, {}, result,
+                    Reply({"role": "assistant", "content": content}, info))
+        return await self.wiring.finish(self, turn)
+
+    def teacher_reply(self, turn: Turn, answer, info: dict) -> Reply:
+        content = answer.message.get("content")
+        if not content:
+            raise TeacherUnavailable("the teacher returned no content")
         label = label_of(content, tuple(self.bundle.labels))
-        self.wiring.append_log(classify_row(
-            input, label or content.strip().splitlines()[0], reason=result["reason"],
-            student_label=result["label"], student_confidence=result["confidence"],
-            model=self.wiring.teacher.model))
-        return Reply({"role": "assistant", "content": content}, {
-            **info, "label": label, "student_label": result["label"]}, answer.usage)
+        return Reply({"role": "assistant", "content": content},
+                     {**info, "label": label, "student_label": turn.result["label"]}, answer.usage)
+
+    def log_row(self, turn: Turn, reply: Reply) -> dict:
+        content = reply.message["content"]
+        return classify_row(turn.input, reply.info["label"] or content.strip().splitlines()[0],
+                            reason=turn.student.info["reason"], student_label=turn.result["label"],
+                            student_confidence=turn.result["confidence"],
+                            model=self.wiring.teacher.model)
+
+    def compare(self, turn: Turn, reply: Reply) -> tuple[bool, str]:
+        """(whether the teacher's label is the student's, the student's label)."""
+        return reply.info["label"] == turn.result["label"], turn.result["label"]
 
 
 def labelling_prompt(labels: list[str]) -> dict:

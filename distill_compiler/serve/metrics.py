@@ -24,6 +24,7 @@ class Metrics:
         self.in_flight = 0
         self.escalation_lines = 0
         self.budget = None  # the teacher's Budget, set by the service
+        self.shadow = None  # the Shadow, when --shadow-rate is set
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         path = path if path in PATHS else "other"
@@ -50,6 +51,8 @@ class Metrics:
                         "Lines appended to the escalation log.", {"": self.escalation_lines})
         if self.budget is not None:
             out += self._budget()
+        if self.shadow is not None:
+            out += self.shadow.render()
         return "\n".join(out) + "\n"
 
     def _histogram(self) -> list[str]:

@@ -20,6 +20,9 @@ Bearer <key>` (401 otherwise; compared in constant time, never logged); --teache
 what escalations spend per process; the CLI binds 127.0.0.1 unless told otherwise; the request
 log (--request-log) holds no message contents unless --log-contents asks.
 
+Shadow traffic (--shadow-rate, shadow.py) mirrors a share of the student's answers to the
+teacher in the background, compares the pairs and raises the drift alarm.
+
 Bounds: bodies over --max-body-bytes get 413; more than --concurrency completions in flight
 get 503 with Retry-After; a completion that takes over --request-timeout gets 504. Errors use
 the OpenAI error shape. Nothing here imports torch.
@@ -48,6 +51,7 @@ from starlette.routing import Route
 from ..errors import UsageError
 from ..runtime import load_bundle
 from ..runtime.classifier import Bundle
+from ..runtime.format import REPORT_FILE
 from . import openai_format, telemetry
 from .causal import CausalTask
 from .classify import ClassifyTask
@@ -55,6 +59,7 @@ from .escalation_log import AppendLog
 from .metrics import CHAT_PATH, Metrics, Observed
 from .openai_format import Reply
 from .request import ApiError, stream_options
+from .shadow import Shadow, ShadowConfig
 from .student import StudentPool, Wiring
 from .teacher import Budget, TeacherClient
 
@@ -81,7 +86,8 @@ class Service:
 
     def __init__(self, bundle, limits: Limits, teacher: TeacherClient,
                  log: AppendLog | None = None, workers: int = 1, guard: Guard = Guard(),
-                 spans: telemetry.Telemetry | None = None):
+                 spans: telemetry.Telemetry | None = None,
+                 shadow: ShadowConfig | None = None, shadow_log: AppendLog | None = None):
         self.bundle, self.limits, self.teacher, self.log = bundle, limits, teacher, log
         self.guard = guard
         self.name = bundle.manifest.get("name") or bundle.root.name
@@ -91,6 +97,9 @@ class Service:
         self.student = StudentPool(bundle.predict, workers)
         self.request_log = AppendLog(guard.request_log) if guard.request_log else None
         wiring = Wiring(self.student, teacher, log, self.metrics, self.telemetry)
+        if shadow is not None:
+            wiring.shadow = Shadow(shadow, wiring, validation_agreement(bundle.root), shadow_log)
+        self.shadow = self.metrics.shadow = wiring.shadow
         self.task = (ClassifyTask if isinstance(bundle, Bundle) else CausalTask)(bundle, wiring)
         self._key = guard.api_key.encode() if guard.api_key else None
 
@@ -179,15 +188,22 @@ class Service:
                              "teacher_unavailable": self.teacher.unavailable,
                              "teacher_spend_usd": round(budget.spent_usd, 6),
                              "teacher_budget_usd": budget.limit_usd,
+                             "drift": self.shadow.drifting if self.shadow else None,
                              "in_flight": self.metrics.in_flight})
 
     async def prometheus(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def stop(self) -> None:
+    async def start(self) -> None:
+        if self.shadow is not None:
+            self.shadow.start()
+
+    async def stop(self) -> None:
+        if self.shadow is not None:
+            await self.shadow.stop()
         self.student.stop()
-        for log in (self.log, self.request_log):
+        for log in (self.log, self.request_log, self.shadow and self.shadow.log):
             if log is not None:
                 log.close()
         self.telemetry.shutdown()
@@ -245,10 +261,11 @@ def create_app(service: Service):
 
     @asynccontextmanager
     async def lifespan(app):
+        await service.start()
         try:
             yield
         finally:
-            service.stop()
+            await service.stop()
 
     routes = [Route(CHAT_PATH, service.chat, methods=["POST"]),
               Route("/v1/models", service.models, methods=["GET"]),
@@ -263,7 +280,9 @@ def build_service(bundle_path: str | Path, *, threads: int | None = None,
                   escalation_log: str | Path | None = None, limits: Limits = Limits(),
                   env: Mapping[str, str] | None = None, guard: Guard = Guard(),
                   budget_usd: float | None = None,
-                  spans: telemetry.Telemetry | None = None) -> Service:
+                  spans: telemetry.Telemetry | None = None,
+                  shadow: ShadowConfig | None = None,
+                  shadow_log: str | Path | None = None) -> Service:
     """Load the bundle and wire it to its teacher, logs and telemetry. `threads` requests are
     answered in parallel (default: one per core), each model call on one core. `spans`
     defaults to what the OTEL_EXPORTER_OTLP_* variables ask for."""
@@ -278,7 +297,18 @@ def build_service(bundle_path: str | Path, *, threads: int | None = None,
         if note:
             print(f"warning: {note}", file=sys.stderr, flush=True)
     log = AppendLog(escalation_log) if escalation_log else None
-    return Service(bundle, limits, teacher, log, workers, guard, spans)
+    mirrored = AppendLog(shadow_log) if shadow_log else None
+    return Service(bundle, limits, teacher, log, workers, guard, spans, shadow, mirrored)
+
+
+def validation_agreement(root: Path) -> float | None:
+    """report.json's agreement with the teacher on the validation traffic the student
+    accepted: what mirrored requests (all student-answered) are compared with."""
+    try:
+        report = json.loads((root / REPORT_FILE).read_text(encoding="utf-8"))
+        return float(report["metrics"]["cascade"]["val_accepted_accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def api_key_from(env_var: str | None, env: Mapping[str, str]) -> str | None:

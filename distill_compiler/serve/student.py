@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .teacher import TeacherUnavailable
+
 
 class StudentPool:
     """Runs the student (or any call that needs the bundle) on a pool of worker threads."""
@@ -40,15 +42,28 @@ def fallback_info(info: dict, why: str) -> dict:
 
 
 @dataclass
+class Turn:
+    """One answered request, with what it takes to ask the teacher the same: for escalations,
+    and for shadow traffic, which compares the two answers later."""
+
+    input: dict          # the bundle input
+    messages: list[dict]  # what the teacher is sent
+    extra: dict          # and with it: tools, tool_choice, response_format
+    result: dict         # the runtime's answer
+    student: Any         # the student's Reply
+
+
+@dataclass
 class Wiring:
     """What the task handlers share: the student's workers, the teacher, the escalation log,
-    the counters and the spans."""
+    the counters, the spans and the shadow traffic."""
 
     student: StudentPool
     teacher: Any            # teacher.TeacherClient
     log: Any                # escalation_log.AppendLog | None
     metrics: Any            # metrics.Metrics
     telemetry: Any          # telemetry.Telemetry
+    shadow: Any = None      # shadow.Shadow | None
 
     async def ask_teacher(self, messages: list[dict], **extra: Any):
         """The teacher's answer (TeacherAnswer), in a child span when telemetry is on."""
@@ -56,6 +71,33 @@ class Wiring:
             answer = await self.teacher.complete(messages, **extra)
             span.teacher(answer, self.teacher.model)
         return answer
+
+    async def finish(self, task, turn: Turn):
+        """The reply to a turn the student answered: escalated when the policy routed it to
+        the teacher, or when drift sends all traffic there; else the student's, and shadowed."""
+        if turn.result["route"] == "teacher":
+            return await self.escalate(task, turn, turn.student.info)
+        drift = self.shadow.escalation_reason() if self.shadow is not None else None
+        if drift is not None:
+            return await self.escalate(task, turn, {**turn.student.info, "route": "teacher",
+                                                    "reason": drift}, drifting=True)
+        if self.shadow is not None:
+            self.shadow.offer(task, turn)
+        return turn.student
+
+    async def escalate(self, task, turn: Turn, info: dict, drifting: bool = False):
+        """The teacher's reply when it fits the bundle; else the student's, as student-fallback."""
+        try:
+            answer = await self.ask_teacher(turn.messages, **turn.extra)
+            reply = task.teacher_reply(turn, answer, info)
+        except TeacherUnavailable as exc:
+            student = turn.student
+            return type(student)(student.message, fallback_info(info, str(exc)), student.usage,
+                                 student.finish_reason)
+        self.append_log(task.log_row(turn, reply))
+        if drifting:  # the pair the drift alarm needs to see agreement recover
+            self.shadow.record(task, turn, reply)
+        return reply
 
     def append_log(self, row: dict) -> None:
         if self.log is not None:

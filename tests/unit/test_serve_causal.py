@@ -224,3 +224,27 @@ def test_extract_escalation_returns_and_logs_the_teachers_object(extract, teache
     assert sent["response_format"]["json_schema"]["schema"] == EXTRACT_SCHEMA
     row = json.loads(log.read_text().splitlines()[-1])
     assert row["input"] == {"message": "my lawyer: order A21 broke"} and row["output"] == value
+
+
+def test_mirrored_agent_turns_are_compared_call_by_call(agent_bundle, teacher, tmp_path):
+    """The fake teacher fills order_id with a word of the message ("where"), the student with
+    an order id: same tool, different arguments, so the pair disagrees, as evaluate scores it."""
+    import time
+
+    from distill_compiler.serve.shadow import ShadowConfig
+
+    log = tmp_path / "shadow.jsonl"
+    with running(agent_bundle, shadow=ShadowConfig(rate=1.0, workers=1), shadow_log=log) as c:
+        reply = api(c).chat.completions.create(model="tiny-agent", messages=WHERE,
+                                               tools=OPENAI_TOOLS)
+        deadline = time.monotonic() + 10
+        while not (m := c.metrics()).get('distill_shadow_pairs_total{route="student",'
+                                         'key="get_order"}'):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    [(name, arguments)] = valid_calls(reply.choices[0].message)
+    assert name == "get_order" and arguments["order_id"].startswith("A")
+    assert m['distill_shadow_agreements_total{route="student",key="get_order"}'] == 0
+    [record] = LogReader(causal_spec("agent"), tmp_path).replay((log.name,))
+    assert json.loads(record["messages"][-1]["tool_calls"][0]["function"]["arguments"]) == {
+        "order_id": "where"}
