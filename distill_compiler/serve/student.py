@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .openai_format import Reply
 from .teacher import TeacherUnavailable
 
 
@@ -50,7 +51,7 @@ class Turn:
     messages: list[dict]  # what the teacher is sent
     extra: dict          # and with it: tools, tool_choice, response_format
     result: dict         # the runtime's answer
-    student: Any         # the student's Reply
+    student: Reply       # the student's answer
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Wiring:
             span.teacher(answer, self.teacher.model)
         return answer
 
-    async def finish(self, task, turn: Turn):
+    async def finish(self, task, turn: Turn) -> Reply:
         """The reply to a turn the student answered: escalated when the policy routed it to
         the teacher, or when drift sends all traffic there; else the student's, and shadowed."""
         if turn.result["route"] == "teacher":
@@ -85,15 +86,15 @@ class Wiring:
             self.shadow.offer(task, turn)
         return turn.student
 
-    async def escalate(self, task, turn: Turn, info: dict, drifting: bool = False):
+    async def escalate(self, task, turn: Turn, info: dict, drifting: bool = False) -> Reply:
         """The teacher's reply when it fits the bundle; else the student's, as student-fallback."""
         try:
             answer = await self.ask_teacher(turn.messages, **turn.extra)
             reply = task.teacher_reply(turn, answer, info)
         except TeacherUnavailable as exc:
             student = turn.student
-            return type(student)(student.message, fallback_info(info, str(exc)), student.usage,
-                                 student.finish_reason)
+            return Reply(student.message, fallback_info(info, str(exc)), student.usage,
+                         student.finish_reason)
         self.append_log(task.log_row(turn, reply))
         if drifting:  # the pair the drift alarm needs to see agreement recover
             self.shadow.record(task, turn, reply)
