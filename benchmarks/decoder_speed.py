@@ -79,8 +79,8 @@ def quantized(export: Path, name: str) -> Path:
 
 def run_variant(args) -> dict:
     """In a child process: decode every prompt, report speed and this process's peak RSS."""
-    from distill_compiler.runtime.chat_format import ChatFormat
     from distill_compiler.runtime.causal import CausalPolicy
+    from distill_compiler.runtime.chat_format import ChatFormat
     from distill_compiler.spec import load_spec
 
     spec = load_spec(args.spec)

@@ -246,22 +246,27 @@ def _fmt(value) -> str:
 @app.command("run")
 @click.argument("bundle", type=click.Path(file_okay=False, exists=True))
 @click.argument("request", metavar="INPUT", required=False)
-@click.option("--file", "batch_file", type=click.File("rb"),
-              help="JSONL of inputs, one request per line ('-' for stdin).")
-def run_cmd(bundle: str, request: str | None, batch_file) -> None:
+@click.option("--batch", "batch_file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="JSONL of inputs, one request per line ('-' for stdin); writes one JSON "
+                   "answer per line.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="With --batch: write the answers here instead of stdout.")
+def run_cmd(bundle: str, request: str | None, batch_file: str | None,
+            output: str | None) -> None:
     """Answer INPUT (a JSON object) with a bundle, printing route and confidence as JSON."""
     from . import runtime
 
     loaded = runtime.load_bundle(bundle)
     if batch_file is not None:
-        # Read as bytes: a line that is not UTF-8 is that line's input error, not a traceback.
-        inputs = [_json_arg(line, f"line {i}") for i, line in enumerate(batch_file, 1)
-                  if line.strip()]
-        for answer in loaded.predict_batch(inputs):
-            click.echo(json.dumps(answer, ensure_ascii=False))
+        from .serve.batch import score_file
+
+        stats = score_file(loaded, batch_file, output, RichReporter(err))
+        err.print(stats.summary())
+        if stats.errors:
+            sys.exit(1)
         return
     if request is None:
-        raise UsageError("give INPUT as a JSON object, e.g. '{\"message\": \"hi\"}', or --file")
+        raise UsageError("give INPUT as a JSON object, e.g. '{\"message\": \"hi\"}', or --batch")
     click.echo(json.dumps(loaded.predict(_json_arg(request, "$")), ensure_ascii=False,
                           indent=2))
 
@@ -275,12 +280,34 @@ def _json_arg(text: str | bytes, where: str):
 
 @app.command("serve")
 @click.argument("bundle", type=click.Path(file_okay=False, exists=True))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0 for every one; set --api-key-env then).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0 picks a free one and prints it).")
 @click.option("--threads", type=click.IntRange(1), help="Requests answered in parallel (default: one per core).")
 @click.option("--escalation-log", type=click.Path(dir_okay=False),
               help="Append each teacher-answered request here, as a teacher.logs row.")
+@click.option("--api-key-env", metavar="VAR",
+              help="Require Authorization: Bearer <the value of $VAR> on every request.")
+@click.option("--teacher-budget-usd", type=click.FloatRange(0), metavar="USD",
+              help="Cap on what teacher calls may spend in this process; then the student answers.")
+@click.option("--request-log", type=click.Path(dir_okay=False),
+              help="Append one JSON line per completion (route, reason, status, latency, usage).")
+@click.option("--log-contents", is_flag=True,
+              help="Also keep messages, tools and answers in the request log.")
+@click.option("--shadow-rate", type=click.FloatRange(0, 1), metavar="R",
+              help="Mirror this share of the requests the student answered to the teacher, in "
+                   "the background, and compare the answers.")
+@click.option("--shadow-log", type=click.Path(dir_okay=False),
+              help="Append each mirrored pair's teacher answer here, as a teacher.logs row.")
+@click.option("--drift-window", default=100, show_default=True, type=click.IntRange(1),
+              help="Mirrored requests the rolling agreement is computed over.")
+@click.option("--drift-margin", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="Drift: rolling agreement below the bundle's validation agreement by more.")
+@click.option("--drift-action", default="alert", show_default=True,
+              type=click.Choice(["alert", "escalate"]),
+              help="On drift, only warn (alert) or send all traffic to the teacher until the "
+                   "agreement recovers (escalate).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
               help="Larger request bodies get 413.")
 @click.option("--concurrency", default=64, show_default=True, type=click.IntRange(1),
@@ -290,17 +317,32 @@ def _json_arg(text: str | bytes, where: str):
 @click.option("--teacher-timeout", default=10.0, show_default=True, type=click.FloatRange(0.001),
               help="Seconds to wait for the teacher before answering with the student.")
 def serve_cmd(bundle: str, host: str, port: int, threads: int | None, escalation_log: str | None,
-              max_body_bytes: int, concurrency: int, request_timeout: float,
-              teacher_timeout: float) -> None:
+              api_key_env: str | None, teacher_budget_usd: float | None,
+              request_log: str | None, log_contents: bool, shadow_rate: float | None,
+              shadow_log: str | None, drift_window: int, drift_margin: float,
+              drift_action: str, max_body_bytes: int, concurrency: int,
+              request_timeout: float, teacher_timeout: float) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
     try:
         from .serve import server
     except ImportError as exc:
         raise UsageError(f"distill serve needs starlette and uvicorn ({exc}); "
                          "pip install 'distill-compiler[serve]'") from None
+    if log_contents and not request_log:
+        raise UsageError("--log-contents needs --request-log FILE")
+    if shadow_log and not shadow_rate:
+        raise UsageError("--shadow-log needs --shadow-rate R")
+    shadow = None
+    if shadow_rate:
+        from .serve.shadow import ShadowConfig
+
+        shadow = ShadowConfig(shadow_rate, window=drift_window, margin=drift_margin,
+                              action=drift_action)
     limits = server.Limits(max_body_bytes, concurrency, request_timeout, teacher_timeout)
+    guard = server.Guard(server.api_key_from(api_key_env, os.environ), request_log, log_contents)
     service = server.build_service(bundle, threads=threads, escalation_log=escalation_log,
-                                   limits=limits)
+                                   limits=limits, guard=guard, budget_usd=teacher_budget_usd,
+                                   shadow=shadow, shadow_log=shadow_log)
     server.serve(service, host, port)
 
 

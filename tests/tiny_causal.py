@@ -197,3 +197,36 @@ def train_tiny_causal(root: Path, train_ids: Sequence[int], steps: int = 100,
     model.eval().save_pretrained(root / "model")
     (root / "chat.json").write_text(json.dumps(chat.to_dict()))
     return root
+
+
+def write_causal_bundle(root: Path, exported: Path, task: str, teacher: dict,
+                        threshold: float = 0.0) -> Path:
+    """An agent or extract bundle around the exported tiny decoder: its graph, tokenizer,
+    decoder.json and chat.json, policy.json as evaluate writes it (a `lawyer` trigger sends a
+    turn to `teacher`), and a manifest that load_bundle verifies."""
+    import shutil
+
+    from distill_compiler.runtime.chat_format import ChatFormat
+    from distill_compiler.runtime.format import (
+        DECODER_FILES,
+        MANIFEST_FILE,
+        MODEL_FILE,
+        POLICY_FILE,
+        TOKENIZER_FILE,
+        manifest_dict,
+        sha256_file,
+        write_policy,
+    )
+    from distill_compiler.students.causal.evaluate import policy_dict
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, TOKENIZER_FILE, *DECODER_FILES):
+        shutil.copyfile(exported / name, root / name)
+    spec = causal_spec(task, teacher=teacher, export={"max_new_tokens": 48},
+                       escalation={"triggers": [{"pattern": "(?i)lawyer", "reason": "legal"}]})
+    write_policy(root / POLICY_FILE, policy_dict(spec, ChatFormat(), threshold))
+    files = {n: sha256_file(root / n) for n in (MODEL_FILE, TOKENIZER_FILE, POLICY_FILE,
+                                                *DECODER_FILES)}
+    manifest = manifest_dict(f"tiny-{task}", task, "0" * 64, files, {}, {})
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return root

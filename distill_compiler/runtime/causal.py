@@ -12,7 +12,10 @@ chat format (`ChatFormat.system_text`, `user_text`).
     #  "confidence": 0.91, "route": "student", "reason": "confidence 0.91 >= 0.40"}
 
 The tool-calling loop belongs to the host: it runs each call, appends the assistant message
-and a `{"role": "tool", "content": ...}` message per call, and asks again. Extract requests
+and a `{"role": "tool", "content": ...}` message per call, and asks again. A request may name
+the tools offered (`"tools": ["get_order"]`) and a `tool_choice` as in OpenAI's API (`auto`,
+`none`, `required`, `{"type": "function", "function": {"name": ...}}`), which the decoder
+enforces. Extract requests
 are the input object (`{"message": "..."}`); the output is the extracted JSON object.
 
 Routes, first match wins: a trigger on the request's text sends it to the teacher; an output
@@ -41,7 +44,14 @@ from .format import (
     check_inputs,
     read_triggers,
 )
-from .inputs import MAX_MESSAGE_CHARS, check_text, check_values, cut, parse_json, schema_error
+from .inputs import (
+    MAX_MESSAGE_CHARS,
+    check_text,
+    check_values,
+    cut,
+    parse_json,
+    schema_error,
+)
 
 # What an agent request looks like: OpenAI chat messages, optionally naming the tools offered.
 # Every level the chat format reads is typed, so a wrong type anywhere is an InputError with
@@ -66,6 +76,12 @@ AGENT_INPUT_SCHEMA = {
                            "tool_call_id": {"type": "string"}, "name": {"type": "string"}},
             "required": ["role"]}},
         "tools": {"type": "array", "items": {"type": "string"}},
+        # OpenAI's: "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+        "tool_choice": {"anyOf": [
+            {"enum": ["auto", "none", "required"]},
+            {"type": "object", "properties": {"function": {
+                "type": "object", "properties": {"name": {"type": "string"}},
+                "required": ["name"]}}, "required": ["function"]}]},
     },
     "required": ["messages"],
 }
@@ -141,6 +157,10 @@ class CausalPolicy:
             raise InputError(cut(f"unknown tools {unknown}; the bundle knows "
                                  f"{[t['name'] for t in self.tools]}", MAX_MESSAGE_CHARS),
                              "$.tools")
+        named = _named_choice(input.get("tool_choice"))
+        if named is not None and named not in {t["name"] for t in self.offered(input)}:
+            raise InputError(f"tool_choice names {cut(repr(named))}, which is not among the "
+                             "tools offered", "$.tool_choice")
         check_conversation(input["messages"])
 
     def offered(self, input: dict) -> list[dict]:
@@ -216,7 +236,16 @@ class CausalPolicy:
 
         if self.task == "extract":
             return Extract(self.output_schema)
-        return Agent(self.offered(input))
+        choice, tools = input.get("tool_choice") or "auto", self.offered(input)
+        named = _named_choice(choice)
+        if named is not None:  # a named function: a call is required, to that tool only
+            return Agent([t for t in tools if t["name"] == named], "required")
+        return Agent(tools, choice)
+
+
+def _named_choice(choice: Any) -> str | None:
+    """The tool a `{"function": {"name": ...}}` tool_choice names, else None."""
+    return choice["function"]["name"] if isinstance(choice, dict) else None
 
 
 class CausalBundle:
@@ -261,7 +290,7 @@ class CausalBundle:
                                     completion.confidence, completion.truncated)
         return {"output": self.policy.output(completion.message),
                 "confidence": routed.confidence, "route": routed.route, "reason": routed.reason,
-                "tokens": completion.new_tokens}
+                "tokens": completion.new_tokens, "truncated": completion.truncated}
 
 
 def load_causal(root: Path, policy_data: dict, manifest: dict,

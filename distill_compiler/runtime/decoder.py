@@ -57,11 +57,19 @@ class Extract:
     schema: dict
 
 
+TOOL_CHOICES = ("auto", "none", "required")
+
+
 @dataclass(frozen=True)
 class Agent:
-    """Answer freely or call one of `tools` ({"name", "description", "parameters"})."""
+    """Answer freely or call one of `tools` ({"name", "description", "parameters"}).
+
+    `tool_choice` as in OpenAI's API: "auto" (text or calls), "none" (text only: a token that
+    would complete CALL_OPEN is refused), "required" (the answer opens with a call; afterwards
+    as auto). A named function is "required" over that one tool."""
 
     tools: Sequence[dict]
+    tool_choice: str = "auto"
 
 
 @dataclass
@@ -185,15 +193,24 @@ class AgentGuide(Guide):
     """Free text; a call opened by CALL_OPEN follows the call schema, then CALL_CLOSE."""
 
     def __init__(self, constraint: JsonConstraint, vocab: Vocabulary,
-                 encode: Callable[[str], list[int]], crossing: list[tuple[int, int]]):
+                 encode: Callable[[str], list[int]], crossing: list[tuple[int, int]],
+                 tool_choice: str = "auto",
+                 opening: Callable[[int], np.ndarray] | None = None):
         self.constraint, self.vocab, self.encode = constraint, vocab, encode
         self.crossing = crossing         # see crossing_tokens
         self.free = b""                 # text since the last call (or the start)
         self.state: State | None = None  # set while a call's JSON is being written
         self.closing: list[int] = []     # CALL_CLOSE tokens still to force
+        self.tool_choice = tool_choice
+        self.opening = opening           # see opening_masks; needed for "required"
+        self.called = False              # a call has been written
 
     def mask(self):
         if self.state is None:
+            if self.tool_choice == "required" and not self.called and not self.closing:
+                # Before the required call, only tokens that go on spelling CALL_OPEN (or
+                # complete it; reject() checks the call bytes they carry).
+                return self.opening(len(self.free))
             return None
         mask = self.constraint.allowed(self.state).copy()
         mask[self.constraint.eos_id] = False  # a call ends with CALL_CLOSE, never the turn's end
@@ -218,6 +235,8 @@ class AgentGuide(Guide):
         if self.state is not None or self.closing:
             return False
         opened = self._split(token)
+        if opened is not None and self.tool_choice == "none":
+            return True
         return opened is not None and opened[1] and not feed(self.constraint.start().stacks,
                                                                  opened[1])
 
@@ -229,12 +248,13 @@ class AgentGuide(Guide):
             ending = dict(self._ending_here())
             if token in ending:
                 rest = CALL_CLOSE.encode()[len(self.vocab.tokens[token]) - ending[token]:]
-                self.state, self.free = None, b""
+                self.state, self.free, self.called = None, b"", True
                 self.closing = self.encode(rest.decode()) if rest else []
                 return
             self.state = self.constraint.advance(self.state, token)
             if self.state.complete:
                 self.state, self.closing, self.free = None, self.encode(CALL_CLOSE), b""
+                self.called = True
             return
         opened = self._split(token)
         if opened is None:
@@ -285,6 +305,7 @@ class Decoder:
         self._vocab: Vocabulary | None = None
         self._crossing: list[tuple[int, int]] | None = None
         self._max_token_chars: int | None = None
+        self._opening: list[np.ndarray] | None = None
         self._constraints: dict[str, JsonConstraint] = {}
 
     # -- what constrained decoding needs, built once: classifying the vocabulary is the cost
@@ -310,6 +331,11 @@ class Decoder:
         if self._max_token_chars is None:
             self._max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         return self._max_token_chars
+    def opening(self, at: int) -> np.ndarray:
+        """The mask of tokens that continue CALL_OPEN from its byte `at` (see opening_masks)."""
+        if self._opening is None:
+            self._opening = opening_masks(self.vocab)
+        return self._opening[at]
 
     def _encode_plain(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -324,8 +350,10 @@ class Decoder:
         if isinstance(mode, Extract):
             return ExtractGuide(self.constraint(mode.schema))
         if isinstance(mode, Agent):
+            if mode.tool_choice not in TOOL_CHOICES:
+                raise ValueError(f"tool_choice {mode.tool_choice!r} is not one of {TOOL_CHOICES}")
             return AgentGuide(self.constraint(call_schema(list(mode.tools))), self.vocab,
-                              self._encode_plain, self.crossing)
+                              self._encode_plain, self.crossing, mode.tool_choice, self.opening)
         return Guide()
 
     # -- decoding
@@ -405,6 +433,21 @@ def crossing_tokens(vocab: Vocabulary) -> list[tuple[int, int]]:
                 out.append((token, at))
                 break
     return out
+
+
+def opening_masks(vocab: Vocabulary) -> list[np.ndarray]:
+    """For each byte offset k of CALL_OPEN, the tokens whose bytes either are a prefix of
+    CALL_OPEN[k:] or start with all of it (and may carry the call's first bytes)."""
+    opening = CALL_OPEN.encode()
+    masks = [np.zeros(len(vocab.tokens), dtype=bool) for _ in opening]
+    for token, data in enumerate(vocab.tokens):
+        if not data:
+            continue
+        for k, mask in enumerate(masks):
+            rest = opening[k:]
+            if data[0] == rest[0] and (rest.startswith(data) or data.startswith(rest)):
+                mask[token] = True
+    return masks
 
 
 def pick(logits: np.ndarray, guide: Guide) -> tuple[int, float, bool]:

@@ -1,1 +1,2 @@
-"""`distill serve`: a bundle behind an OpenAI-compatible HTTP API, and its escalation log."""
+"""`distill serve`: a bundle behind an OpenAI-compatible HTTP API, its escalation and shadow
+logs, telemetry, and `distill run --batch` offline scoring."""

@@ -1,9 +1,14 @@
 """The escalation log: every request the served bundle handed to the teacher, with its answer.
 
-Lines are `teacher.logs` rows (see logs.py), `{"input": {...}, "label": "..."}` for a
-classifier, so listing the file under the spec's `teacher.logs` makes the next compile learn
-from the traffic the student was unsure about. An `escalation` object rides along for people
-reading the file (why the request escalated, what the student said); LogReader ignores it.
+Lines are `teacher.logs` rows (see teacher/logs.py), so listing the file under the spec's
+`teacher.logs` makes the next compile learn from the traffic the student was unsure about:
+`{"input": {...}, "label": "..."}` for a classifier, `{"input": {...}, "output": {...}}` for an
+extraction, and for an agent turn the chat format `{"request": {"messages", "tools"},
+"response": {assistant message}}`, so the trace is replayed with the tools production offered.
+An `escalation` object rides along for people reading the file (why the request escalated, what
+the student said); LogReader ignores it.
+
+AppendLog also writes the request log (--request-log), which has the same needs.
 
 Appends are one `write(2)` of one whole line on a file opened O_APPEND, under a lock: lines
 from concurrent requests (or from several server processes sharing the file) never interleave,
@@ -18,7 +23,9 @@ import threading
 from pathlib import Path
 
 
-class EscalationLog:
+class AppendLog:
+    """A JSONL file that whole lines are appended to, by any thread or process."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,3 +52,16 @@ def classify_row(input: dict, label: str, *, reason: str, student_label: str,
     return {"input": input, "label": label,
             "escalation": {"reason": reason, "student_label": student_label,
                            "student_confidence": round(student_confidence, 4), "model": model}}
+
+
+def extract_row(input: dict, output: dict, escalation: dict) -> dict:
+    """The extract `teacher.logs` row for one escalated request."""
+    return {"input": input, "output": output, "escalation": escalation}
+
+
+def agent_row(messages: list[dict], tools: list[dict], response: dict, escalation: dict) -> dict:
+    """The agent `teacher.logs` row (chat format) for one escalated turn: the messages as sent
+    (LogReader drops system turns: the bundle's own is rendered at training), the tools
+    offered in OpenAI's format, and the teacher's message."""
+    return {"request": {"messages": messages, "tools": tools}, "response": response,
+            "escalation": escalation}

@@ -1,52 +1,42 @@
-"""`distill serve`: a bundle behind an OpenAI-compatible HTTP API (starlette on uvicorn).
+"""`distill serve`: a bundle of any task behind an OpenAI-compatible HTTP API (starlette on
+uvicorn).
 
-    POST /v1/chat/completions   the last user message is the input; the answer is the
-                                assistant message (a label, a refusal's response, or the
-                                teacher's answer)
+    POST /v1/chat/completions   classify: the last user message is the input, the answer a
+                                label (classify.py); extract and agent: the decoder student
+                                with tools, tool_choice and response_format (causal.py);
+                                `stream: true` as server-sent chunks (openai_format.py)
     GET  /v1/models             the bundle's name
     GET  /health                liveness, and whether the teacher can be reached
-    GET  /metrics               Prometheus text: requests by path and status, answers by
-                                route, a latency histogram
-
-The input: a last user message whose content is a JSON object is taken as the whole input;
-any other text goes into the input schema's single string property. The input is validated
-against the bundle's schema (422 with the schema's message when it fails).
+    GET  /metrics               Prometheus text (metrics.py)
 
 Every completion says how it was answered, in `X-Distill-Route` / `X-Distill-Reason` headers
-and a `distill` body field: `{"route", "reason", "label", "confidence"}`, where `confidence`
-is always the student's and, on the teacher route, `label` is the teacher's answer mapped
-onto the bundle's labels (null when it names none) beside `student_label`.
+and a `distill` body field (`route`, `reason`, `confidence`: always the student's). Teacher
+routes go through litellm to policy.json's teacher (teacher.py); when it cannot answer, the
+request gets the student's answer with route `student-fallback` and a reason, rather than a
+502: the service degrades, it does not drop messages.
 
-Teacher routes forward the request's messages through litellm to the teacher in
-policy.json. When the request has no system message, a labelling prompt naming the bundle's
-labels is put first, so the teacher answers with a label the escalation log can record.
-When the teacher cannot answer (no key, unreachable, timed out, an error), the request gets
-the student's answer with route `student-fallback` and a reason saying why, rather than a
-502: a classifier in front of a support queue should degrade to its own best guess, not drop
-the message; clients that must not accept it can check the route. No retries: the client
-is waiting.
+Nobody spends what is not theirs: with --api-key-env every request needs `Authorization:
+Bearer <key>` (401 otherwise; compared in constant time, never logged); --teacher-budget-usd caps
+what escalations spend per process; the CLI binds 127.0.0.1 unless told otherwise; the request
+log (--request-log) holds no message contents unless --log-contents asks.
+
+Shadow traffic (--shadow-rate, shadow.py) mirrors a share of the student's answers to the
+teacher in the background, compares the pairs and raises the drift alarm.
 
 Bounds: bodies over --max-body-bytes get 413; more than --concurrency completions in flight
-get 503 with Retry-After; a completion that takes over --request-timeout gets 504 (teacher
-calls have their own, shorter, --teacher-timeout). Errors use the OpenAI error shape.
-
-Nothing here imports torch. litellm is imported on a worker thread the first time a request
-escalates, so a bundle that never escalates never loads it and the event loop never stalls on it.
+get 503 with Retry-After; a completion that takes over --request-timeout gets 504. Errors use
+the OpenAI error shape. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import importlib
+import hmac
 import json
 import os
 import socket
 import sys
 import time
-import uuid
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,20 +45,29 @@ from typing import Any, Mapping
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
 from ..errors import UsageError
 from ..runtime import load_bundle
 from ..runtime.classifier import Bundle
-from ..runtime.format import BundleError, InputError
+from ..runtime.format import REPORT_FILE, InputError
 from ..runtime.inputs import parse_json
-from ..teacher.labels import label_of
-from .escalation_log import EscalationLog, classify_row
-
-CHAT_PATH = "/v1/chat/completions"
-PATHS = (CHAT_PATH, "/v1/models", "/health", "/metrics")
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+from . import openai_format, telemetry
+from .causal import CausalTask
+from .classify import ClassifyTask
+from .escalation_log import AppendLog
+from .metrics import CHAT_PATH, Metrics, Observed
+from .openai_format import Reply
+from .request import ApiError, stream_options
+from .shadow import Shadow, ShadowConfig
+from .student import StudentPool, Wiring
+from .teacher import Budget, TeacherClient
 
 
 @dataclass(frozen=True)
@@ -79,307 +78,94 @@ class Limits:
     teacher_timeout_s: float = 10.0
 
 
-class ApiError(Exception):
-    """A request the server refuses; rendered as an OpenAI error body."""
+@dataclass(frozen=True)
+class Guard:
+    """Who may call and what is written about it."""
 
-    def __init__(self, status: int, message: str, code: str, type: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.type = status, message, code, type
-        self.headers = headers or {}
+    api_key: str | None = None          # the Bearer token every request must carry
+    request_log: str | Path | None = None
+    log_contents: bool = False          # the request log keeps messages and answers
 
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type,
-                                       "code": self.code}}, self.status, headers=self.headers)
-
-
-# --------------------------------------------------------------------------- request -> input
-
-def user_input(body: Any, bundle: Bundle) -> dict:
-    """The bundle input a chat completion request carries in its last user message."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", "invalid_body")
-    if body.get("stream"):
-        raise ApiError(400, "stream is not supported: a classification answer is one short "
-                       "message", "stream_unsupported")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "`messages` must be a non-empty array of chat messages",
-                       "missing_messages")
-    user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
-                None)
-    if user is None:
-        raise ApiError(400, "`messages` has no user message to classify", "missing_messages")
-    text = content_text(user.get("content"))
-    value = _json_object(text)
-    if value is not None:
-        return value
-    field = bundle.policy.text_field
-    if field is None:
-        raise ApiError(422, "this bundle's input has several fields: send the last user "
-                       "message's content as a JSON object matching the input schema",
-                       "input_schema")
-    return {field: text}
-
-
-def content_text(content: Any) -> str:
-    """A message's text: a string, or the text parts of an OpenAI content-part list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if parts and all(isinstance(p, str) for p in parts):
-            return "\n".join(parts)
-    raise ApiError(400, "the user message's content must be a string or a list of text parts",
-                   "invalid_content")
-
-
-def _json_object(text: str) -> dict | None:
-    if not text.lstrip().startswith("{"):
-        return None
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):  # not an object after all: the text is the input
-        return None
-    return value if isinstance(value, dict) else None
-
-
-# --------------------------------------------------------------------------- student
-
-class StudentPool:
-    """Runs the student on a pool of worker threads, one request per model call.
-
-    onnxruntime releases the GIL, so `workers` requests run in parallel, each on one
-    intra-op thread. Batching concurrent requests was measured and lost on CPU: int8 models
-    pay for padding to the batch's longest input (on the harbor bundle, 145 single requests/s
-    against 90/s in batches of 32, on one core).
-    """
-
-    def __init__(self, bundle: Bundle, workers: int):
-        self.bundle = bundle
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="distill-student")
-
-    async def predict(self, input: dict) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.bundle.predict, input)
-
-    def stop(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
-
-
-# --------------------------------------------------------------------------- teacher
-
-class TeacherUnavailable(Exception):
-    """The teacher cannot answer this request; the message says why (never with the key)."""
-
-
-class TeacherClient:
-    """The teacher named in policy.json, called through litellm."""
-
-    def __init__(self, config: Mapping | None, timeout_s: float, env: Mapping[str, str]):
-        config = config or {}
-        self.model: str | None = config.get("model")
-        self.api_base: str | None = config.get("api_base")
-        self.timeout_s = timeout_s
-        key_env = config.get("api_key_env")
-        self._api_key = env.get(key_env) if key_env else None
-        self._litellm = None
-        self._import_lock = asyncio.Lock()
-        if not self.model:
-            self.unavailable: str | None = "the bundle names no teacher (teacher.model)"
-        elif key_env and not self._api_key:
-            self.unavailable = f"${key_env} is not set in the server's environment"
-        else:
-            self.unavailable = None
-
-    async def complete(self, messages: list[dict]) -> tuple[str, dict]:
-        """The teacher's answer text and its token usage."""
-        if self.unavailable:
-            raise TeacherUnavailable(self.unavailable)
-        litellm = await self._load()
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0.0,
-                                  "timeout": self.timeout_s, "num_retries": 0, "max_retries": 0}
-        if self.api_base:
-            kwargs["api_base"] = self.api_base
-        if self._api_key:
-            kwargs["api_key"] = self._api_key
-        elif self.api_base and not litellm.validate_environment(self.model).get("keys_in_environment"):
-            kwargs["api_key"] = "no-key"  # a local OpenAI-compatible server wants none; the client does
-        try:
-            response = await asyncio.wait_for(litellm.acompletion(**kwargs), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise TeacherUnavailable(f"no answer within {self.timeout_s:g}s") from None
-        except Exception as exc:  # litellm maps every provider failure onto its own classes
-            first = str(exc).splitlines()[0][:200] if str(exc) else ""
-            raise TeacherUnavailable(f"{type(exc).__name__}: {first}".rstrip(": ")) from None
-        content = response.choices[0].message.content
-        if not content:
-            raise TeacherUnavailable("the teacher returned no content")
-        usage = getattr(response, "usage", None)
-        prompt = getattr(usage, "prompt_tokens", 0) or 0
-        completion = getattr(usage, "completion_tokens", 0) or 0
-        return content, {"prompt_tokens": prompt, "completion_tokens": completion,
-                         "total_tokens": prompt + completion}
-
-    async def _load(self):
-        async with self._import_lock:
-            if self._litellm is None:
-                # Importing litellm takes seconds; on the event loop it would stall every request.
-                litellm = await asyncio.to_thread(importlib.import_module, "litellm")
-                litellm.suppress_debug_info = True
-                self._litellm = litellm
-        return self._litellm
-
-
-def labelling_prompt(labels: list[str]) -> dict:
-    """The system message put before requests that have none, in the shape of label.j2."""
-    lines = "\n".join(f"- {label}: {label.replace('_', ' ')}" for label in labels)
-    return {"role": "system", "content": "You route each user message to exactly one label.\n"
-            f"Labels:\n{lines}\nAnswer with the label name only, exactly as written above: "
-            "no punctuation, no explanation."}
-
-
-# --------------------------------------------------------------------------- metrics
-
-class Metrics:
-    """Counters and a latency histogram, rendered in the Prometheus text format."""
-
-    def __init__(self):
-        self.responses: Counter[tuple[str, int]] = Counter()
-        self.routes: Counter[str] = Counter()
-        self.buckets: dict[str, list[int]] = {}
-        self.sums: Counter[str] = Counter()
-        self.in_flight = 0
-        self.escalation_lines = 0
-
-    def observe(self, path: str, status: int, seconds: float) -> None:
-        path = path if path in PATHS else "other"
-        self.responses[(path, status)] += 1
-        counts = self.buckets.setdefault(path, [0] * (len(LATENCY_BUCKETS_S) + 1))
-        counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
-        self.sums[path] += seconds
-
-    def render(self) -> str:
-        out = ["# HELP distill_http_requests_total HTTP requests by path and status.",
-               "# TYPE distill_http_requests_total counter"]
-        out += [f'distill_http_requests_total{{path="{p}",status="{s}"}} {n}'
-                for (p, s), n in sorted(self.responses.items())]
-        out += ["# HELP distill_http_errors_total HTTP responses with status >= 400, by status.",
-                "# TYPE distill_http_errors_total counter"]
-        errors = Counter()
-        for (_, status), n in self.responses.items():
-            if status >= 400:
-                errors[status] += n
-        out += [f'distill_http_errors_total{{status="{s}"}} {n}' for s, n in sorted(errors.items())]
-        out += ["# HELP distill_completions_total Answered completions by route.",
-                "# TYPE distill_completions_total counter"]
-        out += [f'distill_completions_total{{route="{r}"}} {n}' for r, n in sorted(self.routes.items())]
-        out += ["# HELP distill_request_duration_seconds Request latency by path.",
-                "# TYPE distill_request_duration_seconds histogram"]
-        for path, counts in sorted(self.buckets.items()):
-            running = 0
-            for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), counts):
-                running += n
-                le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                out.append(f'distill_request_duration_seconds_bucket{{path="{path}",le="{le}"}} '
-                           f"{running}")
-            out.append(f'distill_request_duration_seconds_sum{{path="{path}"}} {self.sums[path]:.6f}')
-            out.append(f'distill_request_duration_seconds_count{{path="{path}"}} {running}')
-        out += ["# HELP distill_in_flight Completions being answered now.",
-                "# TYPE distill_in_flight gauge", f"distill_in_flight {self.in_flight}",
-                "# HELP distill_escalation_log_lines_total Lines appended to the escalation log.",
-                "# TYPE distill_escalation_log_lines_total counter",
-                f"distill_escalation_log_lines_total {self.escalation_lines}"]
-        return "\n".join(out) + "\n"
-
-
-class Observed:
-    """ASGI middleware: times every HTTP request and counts it by path and status."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), 500
-
-        async def send_status(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.observe(scope["path"], status, time.perf_counter() - started)
-
-
-# --------------------------------------------------------------------------- the service
 
 class Service:
-    """The handlers, and what they share: the bundle, the teacher, the log and the counters."""
+    """The handlers, and what they share: the bundle, its task, the teacher and the counters."""
 
-    def __init__(self, bundle: Bundle, limits: Limits, teacher: TeacherClient,
-                 log: EscalationLog | None = None, workers: int = 1):
+    def __init__(self, bundle, limits: Limits, teacher: TeacherClient,
+                 log: AppendLog | None = None, workers: int = 1, guard: Guard = Guard(),
+                 spans: telemetry.Telemetry | None = None,
+                 shadow: ShadowConfig | None = None, shadow_log: AppendLog | None = None):
         self.bundle, self.limits, self.teacher, self.log = bundle, limits, teacher, log
+        self.guard = guard
         self.name = bundle.manifest.get("name") or bundle.root.name
-        self.student = StudentPool(bundle, workers)
         self.metrics = Metrics()
+        self.metrics.budget = teacher.budget
+        self.telemetry = spans or telemetry.Telemetry()
+        self.student = StudentPool(bundle.predict, workers)
+        self.request_log = AppendLog(guard.request_log) if guard.request_log else None
+        wiring = Wiring(self.student, teacher, log, self.metrics, self.telemetry)
+        if shadow is not None:
+            wiring.shadow = Shadow(shadow, wiring, validation_agreement(bundle.root), shadow_log)
+        self.shadow = self.metrics.shadow = wiring.shadow
+        self.task = (ClassifyTask if isinstance(bundle, Bundle) else CausalTask)(bundle, wiring)
+        self._key = guard.api_key.encode() if guard.api_key else None
+
+    def authorized(self, header: str | None) -> bool:
+        if self._key is None:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        # compare_digest takes as long whatever the token: timing says nothing about the key.
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key)
 
     async def chat(self, request: Request) -> Response:
         if self.metrics.in_flight >= self.limits.concurrency:
             raise ApiError(503, f"server busy: {self.limits.concurrency} requests in flight; "
                            "retry shortly", "overloaded", "server_error", {"Retry-After": "1"})
         self.metrics.in_flight += 1
+        started = time.perf_counter()
         try:
-            return await asyncio.wait_for(self._complete(request), self.limits.request_timeout_s)
+            body = await self._json_body(request)
+            return await asyncio.wait_for(self._complete(body, started),
+                                          self.limits.request_timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(504, f"no answer within {self.limits.request_timeout_s:g}s "
                            "(--request-timeout)", "timeout", "server_error") from None
         finally:
             self.metrics.in_flight -= 1
 
-    async def _complete(self, request: Request) -> Response:
-        body = await self._json_body(request)
-        input = user_input(body, self.bundle)
-        try:
-            self.bundle.policy.check_input(input)
-        except InputError as exc:
-            raise ApiError(422, str(exc), "input_schema") from None  # runtime/inputs.py
-        result = await self.student.predict(input)
-        info = {"route": result["route"], "reason": result["reason"], "label": result["label"],
-                "confidence": round(result["confidence"], 4)}
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        if result["route"] == "teacher":
-            content, usage, info = await self._escalate(body["messages"], input, result, info)
-        else:
-            content = result["output"].get("response") or result["label"]
-        self.metrics.routes[info["route"]] += 1
-        return JSONResponse(self._completion(content, info, usage),
-                            headers={"X-Distill-Route": info["route"],
-                                     "X-Distill-Reason": _header_safe(info["reason"])})
+    async def _complete(self, body: Any, started: float) -> Response:
+        model = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+        with self.telemetry.completion(model or self.name) as span:
+            try:
+                reply = await self.task.answer(body)
+            except ApiError as exc:
+                self._log_request(body, None, exc.status, started)
+                raise
+            span.record(reply, self.teacher.model if reply.route == "teacher" else self.name)
+        self.metrics.routes[reply.route] += 1
+        self._log_request(body, reply, 200, started)
+        headers = {"X-Distill-Route": reply.route, "X-Distill-Reason": _header_safe(reply.info["reason"])}
+        stream, include_usage = stream_options(body)
+        if stream:
+            events = openai_format.sse(openai_format.chunks(reply, self.name, include_usage))
+            return StreamingResponse(_replay(events), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
+        return JSONResponse(openai_format.completion(reply, self.name), headers=headers)
 
-    async def _escalate(self, messages: list, input: dict, result: dict,
-                        info: dict) -> tuple[str, dict, dict]:
-        if not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
-            messages = [labelling_prompt(self.bundle.labels), *messages]
-        try:
-            content, usage = await self.teacher.complete(messages)
-        except TeacherUnavailable as exc:
-            info = {**info, "route": "student-fallback",
-                    "reason": f"{result['reason']}; teacher unavailable: {exc}"}
-            return result["label"], {"prompt_tokens": 0, "completion_tokens": 0,
-                                     "total_tokens": 0}, info
-        label = label_of(content, tuple(self.bundle.labels))
-        if self.log is not None:
-            self.log.append(classify_row(
-                input, label or content.strip().splitlines()[0], reason=result["reason"],
-                student_label=result["label"], student_confidence=result["confidence"],
-                model=self.teacher.model))
-            self.metrics.escalation_lines += 1
-        return content, usage, {**info, "label": label, "student_label": result["label"]}
+    def _log_request(self, body: Any, reply: Reply | None, status: int, started: float) -> None:
+        """One request-log line: what happened, and the contents only when asked."""
+        if self.request_log is None:
+            return
+        row: dict[str, Any] = {"time": round(time.time(), 3), "status": status,
+                               "ms": round(1000 * (time.perf_counter() - started), 2)}
+        if reply is not None:
+            row.update(route=reply.route, reason=reply.info["reason"],
+                       confidence=reply.info.get("confidence"), finish_reason=reply.finish_reason,
+                       usage=reply.usage,
+                       tools_called=[c["function"]["name"] for c in reply.message.get("tool_calls") or ()])
+        if self.guard.log_contents and isinstance(body, dict):
+            row.update(messages=body.get("messages"), tools=body.get("tools"),
+                       answer=reply.message if reply else None)
+        self.request_log.append(row)
 
     async def _json_body(self, request: Request) -> Any:
         limit = self.limits.max_body_bytes
@@ -393,30 +179,45 @@ class Service:
                 raise _too_large(limit)
             chunks.append(chunk)
         try:
-            return parse_json(b"".join(chunks))
+            return parse_json(b"".join(chunks))  # runtime/inputs.py: UTF-8, JSON, depth
         except InputError as exc:
             raise ApiError(400, f"{exc} (the request body)", "invalid_json") from None
-
-    def _completion(self, content: str, info: dict, usage: dict) -> dict:
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
-                "created": int(time.time()), "model": self.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "logprobs": None, "finish_reason": "stop"}],
-                "usage": usage, "distill": info}
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
             {"id": self.name, "object": "model", "created": 0, "owned_by": "distill"}]})
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.name, "labels": self.bundle.labels,
+        budget = self.teacher.budget
+        return JSONResponse({"status": "ok", "model": self.name, **self.task.describe(),
                              "teacher": self.teacher.model,
                              "teacher_unavailable": self.teacher.unavailable,
+                             "teacher_spend_usd": round(budget.spent_usd, 6),
+                             "teacher_budget_usd": budget.limit_usd,
+                             "drift": self.shadow.drifting if self.shadow else None,
                              "in_flight": self.metrics.in_flight})
 
     async def prometheus(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def start(self) -> None:
+        if self.shadow is not None:
+            self.shadow.start()
+
+    async def stop(self) -> None:
+        if self.shadow is not None:
+            await self.shadow.stop()
+        self.student.stop()
+        for log in (self.log, self.request_log, self.shadow and self.shadow.log):
+            if log is not None:
+                log.close()
+        self.telemetry.shutdown()
+
+
+async def _replay(events: list[bytes]):
+    for event in events:
+        yield event
 
 
 def _too_large(limit: int) -> ApiError:
@@ -429,34 +230,55 @@ def _header_safe(text: str) -> str:
     return " ".join(text.split()).encode("ascii", "backslashreplace").decode("ascii")
 
 
+class Authorized:
+    """ASGI middleware: with an API key set, requests without `Authorization: Bearer <key>`
+    get 401 before anything reads their body."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not self.service.authorized(header):
+                error = ApiError(401, "missing or wrong API key: send Authorization: Bearer "
+                                 "<key> (the server's --api-key-env)", "invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                return await _error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+
+
 async def _api_error(request: Request, exc: ApiError) -> Response:
-    return exc.response()
+    return _error_response(exc)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     """A bug still answers in the OpenAI error shape (uvicorn logs the traceback), never as a
     plain-text 500 a client cannot parse."""
-    return ApiError(500, f"internal error ({type(exc).__name__}); the server log has the "
-                    "traceback", "internal_error", "server_error").response()
+    return _error_response(ApiError(500, f"internal error ({type(exc).__name__}); the server "
+                                    "log has the traceback", "internal_error", "server_error"))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                    code).response()
+    return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
+                                    f"{exc.detail}", code))
 
 
 def create_app(service: Service):
-    """The ASGI app: routes, OpenAI-shaped errors, the student's worker and the metrics."""
+    """The ASGI app: routes, OpenAI-shaped errors, auth, the student's worker and the metrics."""
 
     @asynccontextmanager
     async def lifespan(app):
+        await service.start()
         try:
             yield
         finally:
-            service.student.stop()
-            if service.log is not None:
-                service.log.close()
+            await service.stop()
 
     routes = [Route(CHAT_PATH, service.chat, methods=["POST"]),
               Route("/v1/models", service.models, methods=["GET"]),
@@ -465,24 +287,53 @@ def create_app(service: Service):
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error,
                                         Exception: _internal_error})
-    return Observed(app, service.metrics)
+    return Observed(Authorized(app, service), service.metrics)
 
 
 def build_service(bundle_path: str | Path, *, threads: int | None = None,
                   escalation_log: str | Path | None = None, limits: Limits = Limits(),
-                  env: Mapping[str, str] | None = None) -> Service:
-    """Load the bundle and wire it to its teacher and escalation log. `threads` requests are
-    answered in parallel (default: one per core), each model call on one core."""
+                  env: Mapping[str, str] | None = None, guard: Guard = Guard(),
+                  budget_usd: float | None = None,
+                  spans: telemetry.Telemetry | None = None,
+                  shadow: ShadowConfig | None = None,
+                  shadow_log: str | Path | None = None) -> Service:
+    """Load the bundle and wire it to its teacher, logs and telemetry. `threads` requests are
+    answered in parallel (default: one per core), each model call on one core. `spans`
+    defaults to what the OTEL_EXPORTER_OTLP_* variables ask for."""
+    env = os.environ if env is None else env
     workers = threads or os.cpu_count() or 1
     bundle = load_bundle(bundle_path, threads=1)
-    if not isinstance(bundle, Bundle):
-        raise BundleError(f"{bundle_path}: distill serve answers classify bundles; this one is "
-                          f"{bundle.policy.task} (use distill_compiler.runtime.load_bundle in your "
-                          "service, or `distill run`)")
-    teacher = TeacherClient(bundle.policy.data.get("teacher"), limits.teacher_timeout_s,
-                            os.environ if env is None else env)
-    log = EscalationLog(escalation_log) if escalation_log else None
-    return Service(bundle, limits, teacher, log, workers)
+    teacher = TeacherClient(bundle.policy.data.get("teacher"), limits.teacher_timeout_s, env,
+                            Budget(budget_usd))
+    name = bundle.manifest.get("name") or bundle.root.name
+    if spans is None:
+        spans, note = telemetry.from_env(env, name, bundle.manifest.get("spec_sha256"))
+        if note:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+    log = AppendLog(escalation_log) if escalation_log else None
+    mirrored = AppendLog(shadow_log) if shadow_log else None
+    return Service(bundle, limits, teacher, log, workers, guard, spans, shadow, mirrored)
+
+
+def validation_agreement(root: Path) -> float | None:
+    """report.json's agreement with the teacher on the validation traffic the student
+    accepted: what mirrored requests (all student-answered) are compared with."""
+    try:
+        report = json.loads((root / REPORT_FILE).read_text(encoding="utf-8"))
+        return float(report["metrics"]["cascade"]["val_accepted_accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def api_key_from(env_var: str | None, env: Mapping[str, str]) -> str | None:
+    """The key --api-key-env names; a variable that is unset or empty is a usage error (a
+    server meant to be locked must not start open)."""
+    if env_var is None:
+        return None
+    key = env.get(env_var, "").strip()
+    if not key:
+        raise UsageError(f"--api-key-env {env_var}: ${env_var} is not set or empty")
+    return key
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -518,4 +369,7 @@ def serve(service: Service, host: str, port: int) -> None:
     log = f"; escalations logged to {service.log.path}" if service.log else ""
     print(f"serving {service.name} on http://{host}:{bound} ({teacher}{log})", file=sys.stderr,
           flush=True)
+    if service.guard.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host} without --api-key-env: anyone who reaches this "
+              "port can make it call the teacher", file=sys.stderr, flush=True)
     uvicorn_server(service).run(sockets=[sock])

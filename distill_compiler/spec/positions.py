@@ -277,7 +277,7 @@ class _Builder:
         try:
             value = yaml.SafeLoader("").construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError,
-                OverflowError) as exc:  # the constructors' errors on e.g. `!!int x`
+                OverflowError):  # the constructors' errors on e.g. `!!int x`
             self.problem(node, path, f"cannot read {_quoted(node.value)} as {short_tag(node.tag)}",
                          "fix the value or remove the tag")
             return None

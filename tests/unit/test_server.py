@@ -41,10 +41,11 @@ def bundle_dir(tmp_path_factory, teacher) -> Path:
 
 @contextmanager
 def running(bundle_dir: Path, env: dict | None = None, log: Path | None = None,
-            limits: Limits = Limits(max_body_bytes=4096, teacher_timeout_s=5.0)):
-    """The server on 127.0.0.1 and a free port, in a thread; yields a client."""
+            limits: Limits = Limits(max_body_bytes=4096, teacher_timeout_s=5.0), **options):
+    """The server on 127.0.0.1 and a free port, in a thread; yields a client. `options` go to
+    build_service (guard, budget_usd, spans)."""
     service = build_service(bundle_dir, threads=1, escalation_log=log, limits=limits,
-                            env={KEY_ENV: "sk-test"} if env is None else env)
+                            env={KEY_ENV: "sk-test"} if env is None else env, **options)
     server, sock = uvicorn_server(service), listen("127.0.0.1", 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -312,3 +313,74 @@ def test_keep_alive_responses_do_not_wait_for_delayed_acks(client):
         conn.getresponse().read()
     conn.close()
     assert time.perf_counter() - started < 0.6
+
+
+# --------------------------------------------------------------------------- who may spend
+
+def test_api_key_is_needed_on_every_path_and_never_logged(bundle_dir, tmp_path):
+    from distill_compiler.serve.server import Guard
+
+    openai = pytest.importorskip("openai", reason="the OpenAI client comes with litellm")
+    log = tmp_path / "requests.jsonl"
+    key = "sk-serve-0123456789"
+    with running(bundle_dir, guard=Guard(api_key=key, request_log=log)) as c:
+        for path in ("/v1/models", "/health", "/metrics"):
+            status, headers, body = c.request("GET", path)
+            assert (status, headers["www-authenticate"]) == (401, "Bearer"), path
+            assert json.loads(body)["error"]["code"] == "invalid_api_key"
+        wrong = c.request("GET", "/health", headers={"Authorization": f"Bearer {key[:-1]}x"})
+        right = c.request("GET", "/health", headers={"Authorization": f"Bearer {key}"})
+        assert (wrong[0], right[0]) == (401, 200)
+        base = f"http://127.0.0.1:{c.port}/v1"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="nope", max_retries=0).chat.completions.create(
+                model="x", messages=[{"role": "user", "content": "charged twice"}])
+        reply = openai.OpenAI(base_url=base, api_key=key).chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "charged twice"}])
+        assert reply.choices[0].message.content == "billing"
+    assert key not in log.read_text() and len(log.read_text().splitlines()) == 1
+
+
+def test_an_unset_api_key_variable_stops_the_server_from_starting(bundle_dir, capsys):
+    from cli_runner import cli
+
+    assert cli("serve", bundle_dir, "--api-key-env", "DISTILL_TEST_UNSET_KEY", "--port", "0") == 2
+    assert "$DISTILL_TEST_UNSET_KEY is not set or empty" in capsys.readouterr().err
+    assert cli("serve", bundle_dir, "--log-contents") == 2
+
+
+def test_request_log_holds_no_message_contents_unless_asked(bundle_dir, tmp_path):
+    from distill_compiler.serve.server import Guard
+
+    bare, full = tmp_path / "bare.jsonl", tmp_path / "full.jsonl"
+    for path, contents in ((bare, False), (full, True)):
+        with running(bundle_dir, guard=Guard(request_log=path, log_contents=contents)) as c:
+            c.chat("charged twice")
+            c.chat("x" * 300)  # refused: 422
+    rows = [json.loads(line) for line in bare.read_text().splitlines()]
+    assert [(r["status"], r.get("route")) for r in rows] == [(200, "student"), (422, None)]
+    assert rows[0]["reason"] == "confidence 0.83 >= 0.60" and rows[0]["ms"] > 0
+    assert "charged" not in bare.read_text() and "xxx" not in bare.read_text()
+    full_rows = [json.loads(line) for line in full.read_text().splitlines()]
+    assert full_rows[0]["messages"][0]["content"] == "charged twice"
+    assert full_rows[0]["answer"] == {"role": "assistant", "content": "billing"}
+
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "openai/fake-teacher"])
+def test_teacher_budget_caps_spend_then_the_student_answers(teacher, tmp_path, model):
+    """A priced model spends its cost; one litellm cannot price spends the whole cap at once."""
+    priced = policy(teacher={"model": model, "api_base": teacher.api_base, "api_key_env": KEY_ENV})
+    bundle = write_bundle(tmp_path / "priced", priced)
+    with running(bundle, budget_usd=1e-9) as c:
+        first = c.chat("sue me invoice")
+        second = c.chat("sue me invoice")
+        m = c.metrics()
+        health = json.loads(c.request("GET", "/health")[2])
+    assert first[1]["x-distill-route"] == "teacher"
+    assert second[1]["x-distill-route"] == "student-fallback"
+    assert second[2]["distill"]["reason"].startswith("trigger: legal threat; teacher "
+                                                     "unavailable: teacher budget spent: $")
+    assert second[2]["choices"][0]["message"]["content"] == "billing"  # the student's label
+    assert m["distill_teacher_budget_refusals_total"] == 1
+    assert m["distill_teacher_spend_usd"] > 0 and m["distill_teacher_budget_usd"] == 1e-9
+    assert health["teacher_budget_usd"] == 1e-9

@@ -28,8 +28,8 @@ from distill_compiler.spec.models import Spec
 from distill_compiler.stages import train
 from distill_compiler.students.causal import base as causal_base
 from distill_compiler.students.causal import train as train_causal
-from distill_compiler.students.causal.validate import StructuredValidation
 from distill_compiler.students.causal.data import conversation, points
+from distill_compiler.students.causal.validate import StructuredValidation
 
 # Settings under which the tiny decoder memorises two conversations in a few seconds.
 MEMORISE = {"epochs": 80, "learning_rate": 1e-2, "batch_size": 2, "max_length": 512,
