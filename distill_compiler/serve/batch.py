@@ -48,7 +48,7 @@ def read_requests(path: str) -> list[tuple[int, dict | str]]:
         try:
             value = parse_json(line, f"line {number}")
         except InputError as exc:
-            out.append((number, str(exc)))
+            out.append((number, exc.message))  # the row names the line already
             continue
         out.append((number, value if isinstance(value, dict) else "not a JSON object"))
     return out

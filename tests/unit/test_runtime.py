@@ -86,11 +86,15 @@ def policy(**changes) -> dict:
     return {**base, **changes}
 
 
-def write_bundle(root: Path, policy_data: dict) -> Path:
-    """A bundle directory: the bag model, a policy and a manifest listing their sha256."""
+def write_bundle(root: Path, policy_data: dict, extra: dict[str, str] | None = None) -> Path:
+    """A bundle directory: the bag model, a policy, any `extra` files (name -> text) and a
+    manifest listing the sha256 of each."""
     bag_classifier(root)
     (root / "policy.json").write_text(json.dumps(policy_data))
-    files = {n: sha256_file(root / n) for n in ("model.onnx", "tokenizer.json", "policy.json")}
+    for name, text in (extra or {}).items():
+        (root / name).write_text(text)
+    names = ("model.onnx", "tokenizer.json", "policy.json", *(extra or {}))
+    files = {n: sha256_file(root / n) for n in names}
     (root / "manifest.json").write_text(json.dumps({"format": 1, "files": files}))
     return root
 

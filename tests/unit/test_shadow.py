@@ -28,10 +28,8 @@ def teacher():
 def shadowed_bundle(root, teacher, validation: float = 0.95):
     taught = policy(teacher={"model": "openai/fake-teacher", "api_base": teacher.api_base,
                              "api_key_env": KEY_ENV})
-    bundle = write_bundle(root, taught)
-    (bundle / "report.json").write_text(json.dumps(
-        {"metrics": {"cascade": {"val_accepted_accuracy": validation}}}))
-    return bundle
+    report = {"metrics": {"cascade": {"val_accepted_accuracy": validation}}}
+    return write_bundle(root, taught, extra={"report.json": json.dumps(report)})
 
 
 def pairs(metrics: dict) -> int:

@@ -51,7 +51,7 @@ def calls(record):
 
 def test_spec_is_an_offline_agent_with_enforceable_tools(spec):
     assert spec.task == "agent" and spec.teacher.model is None
-    assert spec.student.base.startswith("scratch:") and spec.student.method == "sft"
+    assert spec.student.base == "smollm2-135m" and spec.student.method == "sft"
     assert 3 <= len(spec.tools) <= 4
     assert {t.name: check_schema(t.parameters) for t in spec.tools} == {
         t.name: [] for t in spec.tools}
