@@ -193,7 +193,7 @@ class StudentSpec(Section):
     max_length: int = Field(default=128, ge=8)
     """Token limit for training inputs."""
     patience: int = Field(default=2, ge=0)
-    """Epochs without validation improvement before early stopping (0 disables)."""
+    """Evaluations without validation improvement before early stopping (0 disables). Decoder students are evaluated after every epoch, or at most 8 times a run."""
     seed: int = 0
     """Training seed."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

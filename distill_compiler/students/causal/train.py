@@ -46,6 +46,7 @@ from .validate import SelectOnValidation, StructuredValidation
 
 LOG_POINTS = 50        # train-loss entries kept in the log over the whole run
 MICRO_BATCH_TOKENS = 2048  # padded tokens per forward pass (see micro_batch)
+MAX_EVALUATIONS = 8        # validation decodes per run (see evaluation_args)
 
 
 def train_causal(splits_dir: Path, out: Path, spec, spec_dir: Path, cache_dir: Path,
@@ -146,10 +147,10 @@ def sft_trainer(base: Base, added: list[int], spec, chat: ChatFormat, train: lis
         callbacks.append(EarlyStoppingCallback(student.patience))  # reads the score above
     args = SFTConfig(
         **{**common_args(student, device, student.epochs, steps_per_epoch, workdir),
-           **(best_epoch_args(validation.metric) if validation else {})},
+           **(evaluation_args(validation.metric, student.epochs, steps_per_epoch)
+              if validation else {})},
         assistant_only_loss=True, train_sampling_strategy="group_by_length",
         max_length=student.max_length, eos_token=chat.end,
-        eval_strategy="epoch" if val else "no",
         per_device_eval_batch_size=micro_batch(student.batch_size, student.max_length))
     trainer = SFTTrainer(
         model=base.model, args=args, processing_class=base.tokenizer,
@@ -160,11 +161,19 @@ def sft_trainer(base: Base, added: list[int], spec, chat: ChatFormat, train: lis
     return with_reporting(trainer, "fine-tuning", reporter)
 
 
-def best_epoch_args(metric: str) -> dict:
-    """Keep the epoch whose constrained answers agree best with the teacher's on validation
+def evaluation_args(metric: str, epochs: float, steps_per_epoch: int) -> dict:
+    """Evaluate after every epoch, at most MAX_EVALUATIONS times a run (a long run of a small
+    student evaluates every few epochs instead: each evaluation decodes the validation points),
+    and keep the evaluation whose constrained answers agree best with the teacher's
     (validate.py), not the one with the lowest validation loss: on the support-agent example
     the loss was lowest at epoch 5 of 20 while tool choice kept improving."""
-    return dict(save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
+    if epochs <= MAX_EVALUATIONS:
+        when = dict(eval_strategy="epoch", save_strategy="epoch")
+    else:
+        every = math.ceil(epochs * steps_per_epoch / MAX_EVALUATIONS)
+        when = dict(eval_strategy="steps", eval_steps=every, save_strategy="steps",
+                    save_steps=every)
+    return dict(**when, save_total_limit=1, load_best_model_at_end=True,
                 metric_for_best_model=f"eval_{metric}", greater_is_better=True,
                 save_only_model=True)
 
@@ -348,7 +357,7 @@ def evaluation_log(metrics: dict, validation: StructuredValidation | None) -> di
 
 
 def best_epoch(epochs: list[dict], validation: StructuredValidation | None) -> dict | None:
-    """The epoch Trainer kept: the first with the best structured score (see best_epoch_args)."""
+    """The epoch Trainer kept: the first with the best structured score (see evaluation_args)."""
     key = f"val_{validation.metric}" if validation else None
     scored = [e for e in epochs if key in e]
     return max(scored, key=lambda e: e[key]) if scored else None
