@@ -22,6 +22,12 @@ TRAINING = ("data:\n  near_duplicate_threshold: 1.0\n"
             "export:\n  quantize: int8\n  max_new_tokens: 48\n  min_parity: 0.9\n")
 
 
+# The extractor at 1e-2 sat on an edge: it learned on AVX2 CPUs and diverged on an AVX-512 VNNI
+# one (test agreement 0.26; seed 1 failed its gates). At 3e-3 it reached 100 % agreement there
+# (as with 5e-3 over 80 epochs): lower steps are far from where the float kernels matter.
+EXTRACT_TRAINING = TRAINING.replace("learning_rate: 0.01", "learning_rate: 0.003")
+
+
 def log_line(messages: list[dict]) -> str:
     *request, response = messages
     return json.dumps({"request": {"messages": request,
@@ -52,7 +58,7 @@ def extract_spec(root: Path) -> Path:
     (root / "spec.yaml").write_text(
         "name: tiny-extract\ntask: extract\ndescription: Read order problems.\n"
         f"output:\n  schema: {json.dumps(EXTRACT_SCHEMA)}\n"
-        "teacher:\n  logs: [rows.jsonl]\n" + TRAINING + "gates:\n  min_schema_validity: 1.0\n")
+        "teacher:\n  logs: [rows.jsonl]\n" + EXTRACT_TRAINING + "gates:\n  min_schema_validity: 1.0\n")
     return root / "spec.yaml"
 
 
