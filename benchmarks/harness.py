@@ -89,6 +89,18 @@ def compile_spec(spec_path: Path, sets: Sequence[str] = (), until: str | None = 
     return Compiled(spec, project, build.runs, round(time.perf_counter() - started, 1))
 
 
+def curated_base(spec_path: Path):
+    """(compiled up to curate, the spec's decoder base, its chat format): the base loaded and
+    given its chat markers as the train stage does, for benchmarks that run it directly."""
+    from distill_compiler.students.causal.base import load_base, with_chat_markers
+
+    compiled = compile_spec(spec_path, until="curate")
+    project = compiled.project
+    base = load_base(compiled.spec.student.base, project.spec_dir, project.cache_root, [])
+    chat, _ = with_chat_markers(base)
+    return compiled, base, chat
+
+
 def machine() -> dict:
     """The CPU the figures were measured on: model, cores, and the vector extensions that decide
     how fast quantized kernels run."""

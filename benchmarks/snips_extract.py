@@ -240,9 +240,11 @@ def evaluate_validate(spec, export_dir: Path, examples: Sequence[tuple[str, dict
     """Validate queries through the shipped decoder (model.onnx), constrained and not, prompted
     exactly as in training."""
     from distill_compiler.data import records
+    from distill_compiler.runtime.causal import CausalPolicy
     from distill_compiler.runtime.chat_format import ChatFormat
     from distill_compiler.runtime.decoder import Decoder, Extract
     from distill_compiler.students.causal.data import points
+    from distill_compiler.students.causal.evaluate import policy_dict
 
     chat = ChatFormat.from_dict(json.loads((export_dir / "chat.json").read_text()))
     field = records.message_field(spec.input.schema_)
@@ -253,8 +255,7 @@ def evaluate_validate(spec, export_dir: Path, examples: Sequence[tuple[str, dict
     schema, targets = spec.output.schema_, [output for _, output in examples]
     decoder = Decoder(export_dir, threads=threads)
     # The system turn's KV cache once, as a loaded bundle does (runtime.causal.load_causal).
-    decoder.warm(chat.render(chat.prepare([], chat.system_text(spec.description,
-                                                                output_schema=schema))))
+    decoder.warm(CausalPolicy(policy_dict(spec, chat, threshold=0.0)).shared_prefix())
     out: dict = {"shipped_quantize": spec.export.quantize}
     for constrain in (True, False):
         started = time.perf_counter()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness import WORK, command, compile_spec, write_results
+from harness import WORK, command, curated_base, write_results
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 VARIANTS = {"full": None, "lora-attention": ATTENTION,
@@ -66,7 +66,6 @@ def time_variant(base_model, targets, batches: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from distill_compiler.students.causal.base import load_base, with_chat_markers
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("spec")
@@ -75,10 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
-    compiled = compile_spec(args.spec, until="curate")
-    spec, project = compiled.spec, compiled.project
-    base = load_base(spec.student.base, project.spec_dir, project.cache_root, [])
-    chat, _ = with_chat_markers(base)
+    compiled, base, chat = curated_base(args.spec)
+    spec = compiled.spec
     data = batches(spec, compiled.artifacts["curate"], base.tokenizer, chat, args.micro, args.steps)
     results = {"command": command("train_speed.py", argv), "base": spec.student.base,
                "micro_batch": args.micro, "timed_steps": len(data) - WARMUP,

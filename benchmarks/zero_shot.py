@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 
-from harness import WORK, command, compile_spec, write_results
+from harness import WORK, command, curated_base, write_results
 
 
 def main(argv: list[str] | None = None) -> None:
     import torch
 
     from distill_compiler.data.records import read_jsonl
-    from distill_compiler.students.causal.base import load_base, with_chat_markers
     from distill_compiler.students.causal.validate import StructuredValidation
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,10 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
-    compiled = compile_spec(args.spec, until="curate")
-    spec, project = compiled.spec, compiled.project
-    base = load_base(spec.student.base, project.spec_dir, project.cache_root, [])
-    chat, _ = with_chat_markers(base)
+    compiled, base, chat = curated_base(args.spec)
+    spec = compiled.spec
     val = list(read_jsonl(compiled.artifacts["curate"] / "val.jsonl"))
     validation = StructuredValidation(val, spec, chat, base.tokenizer,
                                       base.tokenizer.convert_tokens_to_ids(chat.end), args.points)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from .errors import UsageError
 from .runtime.format import sha256_file
 from .spec.models import Spec, keyed_values
 from .stages import bundle, curate, evaluate, export, generate, train
+from .students.processes import launched_ranks, wait_for_everyone
 
 # Stage modules keep heavy imports inside run(), so importing them here stays light.
 STAGES: tuple[ModuleType, ...] = (generate, curate, train, export, evaluate, bundle)
@@ -285,20 +285,9 @@ def build(project: Project, *, until: str | None = None, force: tuple[str, ...] 
 TRAIN = "train"
 
 
-def launched_ranks() -> tuple[int, int]:
-    """(rank, world size) when `accelerate launch` or torchrun started this process, else (0, 1)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _barrier() -> None:
-    from accelerate import PartialState  # torch loads only for a multi-process build
-
-    PartialState().wait_for_everyone()
-
-
 def _release_followers() -> bool:
     """The main process has built (or found) everything train reads."""
-    _barrier()
+    wait_for_everyone()
     return False
 
 
@@ -307,7 +296,7 @@ def _follow(project: Project, stages: list[ModuleType], names: list[str]) -> Bui
     through Trainer) and writes nothing. It waits until the main process has built what train
     reads, so the teacher is never asked twice, then runs train into a scratch directory that
     is discarded: the main process commits the checkpoint, and builds the rest alone."""
-    _barrier()
+    wait_for_everyone()
     if TRAIN not in names:
         return BuildResult(project, [])
     store, built = Store(project.cache_root), {}

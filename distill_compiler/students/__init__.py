@@ -5,6 +5,7 @@
     device       which torch device trains
     quantize     weight quantization of exported ONNX graphs
     quiet        keeping third-party chatter out of `distill compile` output
+    processes    rank and barrier of a multi-process (`accelerate launch`) run
 
 The train, export and evaluate stages dispatch by task to `classifier` or `causal` the same way.
 """

@@ -6,9 +6,6 @@ import torch
 
 from ..errors import StageError
 
-# The runtime's rendering of a request as text, so training sees exactly what ships sees.
-
-
 # --------------------------------------------------------------------------- device
 
 def pick_device(setting: str) -> torch.device:

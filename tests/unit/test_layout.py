@@ -45,9 +45,10 @@ def imports_of(name: str) -> tuple[set[str], set[str]]:
             if node.level:
                 parts = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([node.module] if node.module else []))
-            for alias in node.names:  # `from . import x` imports the module x when there is one
-                sub = f"{base}.{alias.name}"
-                internal.add(sub if sub in MODULES else base)
+            # `from pkg import x` runs pkg's __init__ first, and imports the module pkg.x when
+            # there is one.
+            internal.add(base)
+            internal |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES}
     return internal, external
 
 

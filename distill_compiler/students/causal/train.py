@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from ...data.records import read_jsonl
 from ...errors import StageError
 from ...runtime.chat_format import ChatFormat
 from ..device import pick_device
+from ..processes import launched_ranks, wait_for_everyone
 from ..quiet import quiet_enabled, quiet_training_libraries
 from .base import SCRATCH, Base, load_base, with_chat_markers
 from .data import conversation, points
@@ -96,9 +96,7 @@ def train_causal(splits_dir: Path, out: Path, spec, spec_dir: Path, cache_dir: P
         model = sft.model
     model = finished(model)
     if world > 1:  # every process has loaded the best epoch from workdir before it goes
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        wait_for_everyone()
     if rank > 0:
         return {}  # the main process writes the checkpoint
     shutil.rmtree(workdir, ignore_errors=True)
@@ -113,11 +111,6 @@ def train_causal(splits_dir: Path, out: Path, spec, spec_dir: Path, cache_dir: P
         "hyperparameters": hyperparameters(student), "train_conversations": len(train),
         "val_conversations": len(val), **log})
     return summary
-
-
-def launched_ranks() -> tuple[int, int]:
-    """(rank, world size) under `accelerate launch`/torchrun, else (0, 1); see pipeline.build."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def trainer_workdir(cache_dir: Path, splits_dir: Path, student) -> Path:
