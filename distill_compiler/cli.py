@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -60,6 +61,8 @@ class RichReporter(pipeline.Reporter):
         self.console.print(message)
 
     def progress(self, description: str, total: int | None):
+        if not self.console.is_terminal:
+            return self.progress_lines(description, total)
         if not self.bars.live.is_started:
             self.bars.start()
         task = self.bars.add_task(description, total=total)
@@ -76,6 +79,26 @@ class RichReporter(pipeline.Reporter):
                 self.bars.remove_task(task)
                 if not self.bars.tasks:
                     self.bars.stop()
+        return advance
+
+    def progress_lines(self, description: str, total: int | None, every_s: float = 60.0):
+        """Progress for a log file or a CI console, where no bar is drawn: a line a minute
+        (and at the end) with the count, the rate and the ETA."""
+        started = last = time.monotonic()
+        done = 0
+
+        def advance(n: int = 1) -> None:
+            nonlocal done, last
+            done += n
+            now = time.monotonic()
+            finished = total is not None and done >= total
+            if now - last < every_s and not finished:
+                return
+            last, rate = now, done / max(now - started, 1e-9)
+            of = f"/{total:,} ({min(done / total, 1):.0%})" if total else ""
+            eta = (f", eta {timedelta(seconds=round((total - done) / rate))}"
+                   if total and not finished and rate > 0 else "")
+            self.console.print(f"  {description}: {done:,}{of}, {rate:,.1f}/s{eta}")
         return advance
 
     def close(self) -> None:

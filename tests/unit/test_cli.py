@@ -112,7 +112,7 @@ def test_a_progress_bar_survives_more_work_than_its_estimate():
 
     from distill_compiler.cli import RichReporter
 
-    reporter = RichReporter(Console(file=io.StringIO()))
+    reporter = RichReporter(Console(file=io.StringIO(), force_terminal=True))
     advance = reporter.progress("fine-tuning (tokens)", 10)
     for n in (8, 8, 3):
         advance(n)
@@ -120,3 +120,25 @@ def test_a_progress_bar_survives_more_work_than_its_estimate():
     other(2)
     assert not reporter.bars.tasks
     reporter.close()
+
+
+def test_progress_in_a_log_file_is_lines_with_rate_and_eta(monkeypatch):
+    """No bar is drawn where stderr is not a terminal (CI, `> log 2>&1`): a line a minute."""
+    import io
+
+    from rich.console import Console
+
+    from distill_compiler import cli
+
+    clock = iter([0.0, 30.0, 61.0, 62.0, 200.0])
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    buffer = io.StringIO()
+    advance = cli.RichReporter(Console(file=buffer, width=200)).progress("fine-tuning (tokens)",
+                                                                         1000)
+    advance(100)   # 30 s: too soon for a line
+    advance(100)   # 61 s: 200 done
+    advance(100)   # 62 s: too soon
+    advance(700)   # done: always a line
+    lines = buffer.getvalue().splitlines()
+    assert lines == ["  fine-tuning (tokens): 200/1,000 (20%), 3.3/s, eta 0:04:04",
+                     "  fine-tuning (tokens): 1,000/1,000 (100%), 5.0/s"]

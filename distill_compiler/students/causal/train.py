@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -128,30 +129,51 @@ def read_split(path: Path) -> list[dict]:
 
 def sft_trainer(base: Base, added: list[int], spec, chat: ChatFormat, train: list[dict],
                 val: list[dict], validation: StructuredValidation, device: torch.device, reporter,
-                workdir: Path):
+                workdir: Path, share_prefix: bool = True):
+    """TRL's SFTTrainer for the spec, running each micro-batch's shared prefix once
+    (shared_prefix.py) unless `share_prefix` is False or several processes train."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from .shared_prefix import SharedPrefixSFTTrainer
 
     student = spec.student
+    conversations = [conversation(r, spec, chat) for r in train]
+    longest, shared = batch_shape(base.tokenizer, chat, conversations, student.max_length)
+    share_prefix = share_prefix and launched_ranks()[1] == 1  # see SharedPrefixSFTTrainer
+    if not share_prefix:
+        shared = 0
+    micro = micro_batch(student.batch_size, longest, shared)
     steps_per_epoch = math.ceil(len(train) / student.batch_size)
     callbacks = [SelectOnValidation(validation, reporter)] if validation else []
     if validation and student.patience > 0:
         callbacks.append(EarlyStoppingCallback(student.patience))  # reads the score above
     args = SFTConfig(
-        **{**common_args(student, device, student.epochs, steps_per_epoch, workdir),
+        **{**common_args(student, device, student.epochs, steps_per_epoch, workdir, micro),
            **(evaluation_args(validation.metric, student.epochs, steps_per_epoch)
               if validation else {})},
         assistant_only_loss=True, train_sampling_strategy="group_by_length",
-        max_length=student.max_length, eos_token=chat.end,
-        per_device_eval_batch_size=micro_batch(student.batch_size, student.max_length))
-    trainer = SFTTrainer(
+        max_length=student.max_length, eos_token=chat.end, per_device_eval_batch_size=micro)
+    trainer = SharedPrefixSFTTrainer(
         model=base.model, args=args, processing_class=base.tokenizer,
-        train_dataset=Dataset.from_list([{"messages": conversation(r, spec, chat)} for r in train]),
+        train_dataset=Dataset.from_list([{"messages": c} for c in conversations]),
         eval_dataset=Dataset.from_list([{"messages": conversation(r, spec, chat)} for r in val])
         if val else None,
-        peft_config=lora_config(student.lora, base.model, added), callbacks=callbacks)
+        peft_config=lora_config(student.lora, base.model, added), callbacks=callbacks,
+        share_prefix=share_prefix)
     return with_reporting(trainer, "fine-tuning", reporter)
+
+
+def batch_shape(tokenizer, chat: ChatFormat, conversations: list[list[dict]],
+                max_length: int) -> tuple[int, int]:
+    """(longest, shared): the longest conversation in tokens (at most max_length) and the
+    leading tokens every conversation has in common (the system turn, when they all share
+    one), which bound what one forward pass holds (see micro_batch)."""
+    ids = [tokenizer(chat.render(c), add_special_tokens=False)["input_ids"]
+           for c in conversations]
+    longest = min(max_length, max(map(len, ids)))
+    return longest, min(len(os.path.commonprefix(ids)), longest - 1)
 
 
 def evaluation_args(metric: str, epochs: float, steps_per_epoch: int) -> dict:
@@ -172,11 +194,10 @@ def evaluation_args(metric: str, epochs: float, steps_per_epoch: int) -> dict:
 
 
 def common_args(student, device: torch.device, epochs: float, steps_per_epoch: int,
-                workdir: Path) -> dict:
+                workdir: Path, micro: int) -> dict:
     """TrainingArguments both phases share: the spec's optimisation settings, the device, and
     Trainer's own checkpoints, reports and progress bars off (the stage reports progress)."""
     on_gpu = device.type == "cuda"
-    micro = micro_batch(student.batch_size, student.max_length)
     return dict(
         output_dir=str(workdir), num_train_epochs=epochs,
         per_device_train_batch_size=micro,
@@ -194,11 +215,15 @@ def common_args(student, device: torch.device, epochs: float, steps_per_epoch: i
         save_strategy="no", report_to="none", disable_tqdm=True)
 
 
-def micro_batch(batch_size: int, max_length: int) -> int:
+def micro_batch(batch_size: int, longest: int, shared: int = 0) -> int:
     """Sequences per forward pass: `student.batch_size` is what one optimiser step sees, but
     activations grow with tokens per pass, so long sequences go through in smaller passes with
-    gradients accumulated. Measured on smollm2-135m, 8 x 768 tokens per pass held 14 GB."""
-    return max(1, min(batch_size, MICRO_BATCH_TOKENS // max_length))
+    gradients accumulated. Measured on smollm2-135m, 8 x 768 tokens per pass held 14 GB. A
+    prefix every row shares runs once per pass (shared_prefix.py), so only the rest of each
+    row counts per row. A divisor of `batch_size`, so that the accumulated passes of a step
+    add up to exactly `batch_size` sequences."""
+    fits = max(1, (MICRO_BATCH_TOKENS - shared) // max(1, longest - shared))
+    return max(n for n in range(1, min(batch_size, fits) + 1) if batch_size % n == 0)
 
 
 def lora_config(lora, model, added: list[int]):
@@ -239,7 +264,8 @@ def distill(model, teacher, tokenizer, spec, chat: ChatFormat, train: list[dict]
     longest = max(len(tokenizer(chat.render([p.target]))["input_ids"]) for p in prompts)
     args = DistillationConfig(
         **common_args(student, device, student.distill_epochs,
-                      math.ceil(len(prompts) / student.batch_size), workdir),
+                      math.ceil(len(prompts) / student.batch_size), workdir,
+                      micro_batch(student.batch_size, student.max_length)),
         beta=student.distill_beta,
         max_completion_length=min(longest, student.max_length))
     tokenizer.padding_side = "left"  # generation appends to the right end of every prompt
