@@ -419,3 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         err.print(escape(f"error: {exc}"))
         sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":  # python -m distill_compiler.cli
+    main()

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from .artifacts import Artifact
-from .cache import Store, read_lock, write_json_atomic
+from .cache import Store, compile_lock, read_lock, write_json_atomic
 from .errors import UsageError
 from .runtime.format import sha256_file
 from .spec.models import Spec, keyed_values
@@ -87,7 +87,7 @@ class Project:
 
     @classmethod
     def of(cls, spec: Spec, spec_path: str | Path, out: str | Path | None = None,
-           cache: str | Path | None = None) -> "Project":
+           cache: str | Path | None = None) -> Project:
         spec_path = Path(spec_path).resolve()
         here = spec_path.parent
         return cls(spec, spec_path,
@@ -158,17 +158,19 @@ def plan(project: Project, stages: list[ModuleType] | None = None) -> list[Stage
             continue
         inputs = {u: digests[u] for u in module.INPUTS}
         key, record = _describe(module, project.spec, project, inputs)
-        hit = store.get(name, key)
+        hit, problem = store.lookup(name, key)
         if hit:
             digests[name] = hit.digest
             out.append(StagePlan(name, "cached", [], key, record))
         else:
-            out.append(StagePlan(name, "stale", why_stale(lock.get(name), record), key, record))
+            out.append(StagePlan(name, "stale", why_stale(lock.get(name), record, problem),
+                                 key, record))
     return out
 
 
-def why_stale(previous: dict | None, current: dict) -> list[str]:
-    """Human reasons a stage's key differs from the one recorded in the lock."""
+def why_stale(previous: dict | None, current: dict, problem: str = "missing") -> list[str]:
+    """Human reasons a stage's key differs from the one recorded in the lock; when it does
+    not differ, what is wrong with the cache entry (`problem`, from Store.lookup)."""
     if not previous:
         return ["never built"]
     reasons = []
@@ -182,7 +184,9 @@ def why_stale(previous: dict | None, current: dict) -> list[str]:
     for label, digest in current["files"].items():
         if previous.get("files", {}).get(label) != digest:
             reasons.append(f"file {label} changed")
-    return reasons or ["cache entry missing or corrupt"]
+    if reasons:
+        return reasons
+    return ["cache entry missing" if problem == "missing" else f"cache entry corrupt: {problem}"]
 
 
 _MISSING = object()
@@ -202,6 +206,11 @@ def diff_values(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
             out += diff_values(x, y, f"{path}[{i}]")
         return out
     return [] if a == b else [(path, a, b)]
+
+
+def _plain(text: str) -> str:
+    """Text for Reporter.log, which reads rich markup: a '[' in a path or reason stays one."""
+    return text.replace("[", "\\[")
 
 
 def _short(value: Any) -> str:
@@ -243,7 +252,17 @@ def build(project: Project, *, until: str | None = None, force: tuple[str, ...] 
     if rank > 0:
         return _follow(project, stages, names[:names.index(until) + 1] if until else names)
     reporter = reporter or Reporter()
+    with compile_lock(project.cache_root, lambda text: reporter.log(_plain(text))):
+        return _build(project, stages, until, force, reporter, world)
+
+
+def _build(project: Project, stages: list[ModuleType], until: str | None,
+           force: tuple[str, ...], reporter: Reporter, world: int) -> BuildResult:
+    """build() once it holds the compile lock: no other build writes this cache now."""
     store = Store(project.cache_root)
+    if swept := store.sweep_tmp():
+        reporter.log(f"removed {swept} unfinished work dir(s) left in {store.root / 'tmp'} "
+                     "by an interrupted build")
     lock = read_lock(project.build_dir)
     built: dict[str, Artifact] = {}
     runs: list[StageRun] = []
@@ -256,10 +275,12 @@ def build(project: Project, *, until: str | None = None, force: tuple[str, ...] 
         key, record = _describe(module, project.spec, project,
                                 {u: a.digest for u, a in inputs.items()})
         started = time.perf_counter()
-        artifact = None if name in force else store.get(name, key)
+        artifact, problem = (None, "forced") if name in force else store.lookup(name, key)
         cached = artifact is not None
         if artifact is None:
-            reporter.log(f"[bold]{name}[/]: running")
+            why = "" if problem in ("missing", "forced") else \
+                f" (cache entry corrupt: {problem}; rebuilding it)"
+            reporter.log(f"[bold]{name}[/]: running{_plain(why)}")
             artifact = _run_stage(module, name, key, project, inputs, store, reporter)
         seconds = round(time.perf_counter() - started, 3)
         built[name] = artifact
@@ -330,17 +351,44 @@ def _run_stage(module: ModuleType, name: str, key: str, project: Project,
 
 
 def publish_bundle(artifact: Artifact, target: Path) -> None:
-    """Copy the bundle artifact to `<build>/bundle`, replacing the old one in one rename."""
+    """Copy the bundle artifact to `<build>/bundle`, replacing the old one at once.
+
+    The copy is made beside the target (`.bundle.new`) and swapped in: a build killed at any
+    point leaves the old bundle or the new one at `target`, never part of either (where the
+    file system cannot swap two directories in one step, a kill between the two renames
+    leaves none there). What a kill leaves beside it (`.bundle.new`, `.bundle.old`) is
+    removed by the next publish.
+    """
     staging = target.with_name(f".{target.name}.new")
-    if staging.exists():
-        shutil.rmtree(staging)
+    old = target.with_name(f".{target.name}.old")
+    for leftover in (staging, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(artifact.path, staging)
     (staging / "artifact.json").unlink(missing_ok=True)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+    if not target.exists():
+        staging.rename(target)
+    elif _exchange(staging, target):  # staging now holds the old bundle
+        shutil.rmtree(staging, ignore_errors=True)
+    else:  # no atomic exchange here: a kill between these renames leaves no bundle at target
         target.rename(old)
         staging.rename(target)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where the
+    platform or file system cannot."""
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc older than glibc 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

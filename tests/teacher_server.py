@@ -17,6 +17,11 @@ request through untouched), or for every request
 (`broken = True`): 429 with Retry-After, 500, a timeout (sleeps past the client's timeout),
 malformed JSON and schema-invalid answers. `hits` counts every HTTP request received, `max_in_flight` the most served at once (also
 served at `GET /stats`, and `GET /stats/reset` zeroes them, for a client in another process).
+
+For crash drills, `hold_after = n` answers the first n requests and holds every later one
+unanswered (counted in `held`) until `release_held()`, which drops them without an answer;
+`answered` counts the answers sent, and `answered_prompts` how often each request body was
+answered.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ import random
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-WORDS = ("amber basil cedar delta ember fjord garnet harbor indigo juniper kelp lagoon maple "
-         "nectar onyx pepper quartz raven saffron tundra umber velvet willow xenon yarrow zephyr "
-         "anchor beacon canyon dune estuary falcon glacier heron island jetty knoll lantern "
-         "meadow nebula orchard prairie quarry ridge summit thicket upland valley wharf").split()
+WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo",
+         "juniper", "kelp", "lagoon", "maple", "nectar", "onyx", "pepper", "quartz",
+         "raven", "saffron", "tundra", "umber", "velvet", "willow", "xenon", "yarrow",
+         "zephyr", "anchor", "beacon", "canyon", "dune", "estuary", "falcon", "glacier",
+         "heron", "island", "jetty", "knoll", "lantern", "meadow", "nebula", "orchard",
+         "prairie", "quarry", "ridge", "summit", "thicket", "upland", "valley", "wharf")
 FAULTS = ("ok", "429", "500", "timeout", "malformed", "invalid")
 
 
@@ -48,6 +55,10 @@ class FakeTeacher:
         self.in_flight = self.max_in_flight = 0
         self.bodies: list[dict] = []
         self._faults: deque[str] = deque()
+        self.hold_after: int | None = None
+        self.admitted = self.answered = self.held = 0
+        self.answered_prompts: Counter[str] = Counter()
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -57,7 +68,7 @@ class FakeTeacher:
     def api_base(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
-    def __enter__(self) -> "FakeTeacher":
+    def __enter__(self) -> FakeTeacher:  # noqa: PYI034 (Self needs Python 3.11)
         self._thread.start()
         return self
 
@@ -73,6 +84,26 @@ class FakeTeacher:
     def reset_counts(self) -> None:
         with self._lock:
             self.hits, self.bodies, self.max_in_flight = 0, [], 0
+
+    def release_held(self) -> None:
+        """Stop holding: the held requests end unanswered, later ones are answered."""
+        with self._lock:
+            self.hold_after = None
+        self._released.set()
+
+    def _admit(self) -> bool:
+        """False when this request is to be held (see hold_after)."""
+        with self._lock:
+            if self.hold_after is not None and self.admitted >= self.hold_after:
+                self.held += 1
+                return False
+            self.admitted += 1
+            return True
+
+    def _answered(self, body: dict) -> None:
+        with self._lock:
+            self.answered += 1
+            self.answered_prompts[_digest(body)] += 1
 
     def _take(self, body: dict) -> str | None:
         with self._lock:
@@ -100,7 +131,7 @@ class FakeTeacher:
             content = json.dumps({"items": self._sentences(messages, fmt["schema"])})
         elif fmt:
             content = json.dumps(instance(fmt["schema"], user))
-        elif labels := re.findall(r"^- ([a-z][a-z0-9_]*):", system, re.M):
+        elif labels := re.findall(r"^- ([a-z][a-z0-9_]*):", system, re.MULTILINE):
             label = self.label(user, labels)
             content = label
             if body.get("logprobs"):
@@ -220,6 +251,10 @@ def _handler(teacher: FakeTeacher):
                     teacher.in_flight -= 1
 
         def _answer(self, body: dict, fault: str | None) -> None:
+            if not teacher._admit():
+                teacher._released.wait()
+                self.close_connection = True  # dropped: the client that sent it is gone
+                return
             if teacher.latency:
                 time.sleep(teacher.latency)
             if fault == "timeout":
@@ -229,9 +264,10 @@ def _handler(teacher: FakeTeacher):
                                   {"Retry-After": teacher.retry_after})
             if fault == "500":
                 return self._send(500, {"error": {"message": "boom", "type": "server_error"}})
-            self._send(200, teacher.answer(body, fault))
+            if self._send(200, teacher.answer(body, fault)):
+                teacher._answered(body)
 
-        def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        def _send(self, status: int, payload: dict, headers: dict | None = None) -> bool:
             data = json.dumps(payload).encode()
             try:
                 self.send_response(status)
@@ -241,8 +277,9 @@ def _handler(teacher: FakeTeacher):
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
+                return True
             except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                pass
+                return False
 
     return Handler
 

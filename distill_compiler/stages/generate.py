@@ -80,6 +80,8 @@ async def _generate(ctx):
     spec = ctx.spec
     templates = ctx.spec_dir / spec.teacher.templates if spec.teacher.templates else None
     cache = RequestCache.at(ctx.cache_root)
+    if cache.recovered:
+        ctx.log(f"generate: {cache.recovered}")
     try:
         teacher = Teacher(spec.teacher, cache)
         generator = Generator(spec, teacher, Prompts(templates))

@@ -33,22 +33,33 @@ def request_key(model: str, api_base: str | None, messages: list, params: dict,
 class RequestCache:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit (isolation_level=None): each put is its own transaction, committed
-        # before put() returns.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT NOT NULL,"
-            " reply TEXT NOT NULL, cost_usd REAL NOT NULL, created REAL NOT NULL)")
+        # What open() found wrong and did about it, for the stage to report; None when fine.
+        self.recovered: str | None = None
+        try:
+            self._db = _open(path)
+        except sqlite3.DatabaseError as exc:
+            # Truncated or overwritten by hand: its answers cannot be trusted (or read). Keep
+            # the file for whoever wants to look, and start an empty cache beside it.
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{path}{suffix}").exists():
+                    Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
+            self.recovered = (f"the teacher cache {path} is unreadable ({exc}); moved it to "
+                              f"{aside.name} and started an empty one (its answers are asked again)")
+            self._db = _open(path)
 
     @classmethod
-    def at(cls, cache_root: Path) -> "RequestCache":
+    def at(cls, cache_root: Path) -> RequestCache:
         return cls(Path(cache_root) / FILENAME)
 
     def get(self, key: str) -> dict[str, Any] | None:
+        """The cached reply, or None; a row that is not a JSON object (edited by hand) is a miss."""
         row = self._db.execute("SELECT reply FROM responses WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        try:
+            reply = json.loads(row[0]) if row else None
+        except (TypeError, ValueError):
+            return None
+        return reply if isinstance(reply, dict) else None
 
     def put(self, key: str, model: str, reply: dict[str, Any]) -> None:
         self._db.execute(
@@ -61,3 +72,24 @@ class RequestCache:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """Connect, set the journal up and check the file is a sound database (quick_check reads
+    every page once: milliseconds for a cache of thousands of answers)."""
+    # Autocommit (isolation_level=None): each put is its own transaction, committed
+    # before put() returns.
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT NOT NULL,"
+            " reply TEXT NOT NULL, cost_usd REAL NOT NULL, created REAL NOT NULL)")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {check}")
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db

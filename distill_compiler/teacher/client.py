@@ -117,7 +117,7 @@ def parse_json(content: str | None, schema: dict) -> Any:
 
 
 class BudgetExhausted(StageError):
-    def __init__(self, what: str, usage: "Usage"):
+    def __init__(self, what: str, usage: Usage):
         self.what = what
         super().__init__("generate", f"{what}: {usage.describe()}",
                          "completed requests are cached: raise the limit (or leave it) and rerun "
@@ -184,9 +184,10 @@ class Teacher:
         # One lock per key: identical requests in flight at once are paid for once.
         async with self._key_locks.setdefault(key, asyncio.Lock()):
             hit = self.cache.get(key)
-            if hit is not None:
+            cached = _cached_reply(key, hit) if hit is not None else None
+            if cached is not None:
                 self.usage.cached += 1
-                return Reply(key=key, cached=True, **hit)
+                return cached
             async with self._slots:
                 self._reserve()
                 response = await self._send(request)
@@ -225,7 +226,7 @@ class Teacher:
         for attempt in range(self.max_retries + 1):
             try:
                 return await litellm.acompletion(**kwargs)
-            except Exception as exc:  # litellm maps every provider error onto its own classes
+            except Exception as exc:  # noqa: BLE001 (litellm maps every provider error onto its own classes)
                 if not _retryable(exc):
                     self.halted = StageError(
                         "generate", f"the teacher refused a request: {_describe(exc)}", _hint(exc))
@@ -250,7 +251,7 @@ class Teacher:
         if cost is None:
             try:
                 cost = litellm.completion_cost(completion_response=response)
-            except Exception:  # a model missing from litellm's price map costs 0, as documented
+            except Exception:  # noqa: BLE001 (a model missing from litellm's price map costs 0, as documented)
                 cost = 0.0
         cost = float(cost or 0.0)
         return Reply(key=key, content=message.content,
@@ -258,6 +259,14 @@ class Teacher:
                      logprobs=_logprobs(getattr(choice, "logprobs", None)), cost_usd=cost,
                      prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                      completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+
+
+def _cached_reply(key: str, hit: dict) -> Reply | None:
+    """A cached answer as a Reply; None (ask again) for a row whose fields were edited away."""
+    try:
+        return Reply(key=key, cached=True, **hit)
+    except TypeError:
+        return None
 
 
 def _api_key(env_name: str | None, env) -> str | None:
@@ -343,5 +352,5 @@ def _logprobs(logprobs) -> list[dict] | None:
                      for a in (_field(t, "top_logprobs") or [])]} for t in content]
 
 
-__all__ = ["Request", "Reply", "Teacher", "Usage", "Backoff", "BudgetExhausted", "BadReply",
+__all__ = ["Backoff", "BadReply", "BudgetExhausted", "Reply", "Request", "Teacher", "Usage",
            "json_schema_format", "parse_json"]

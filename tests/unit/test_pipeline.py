@@ -87,7 +87,7 @@ def test_stage_sees_only_its_sections(stages, project_factory):
     def peek(ctx):
         seen["student"] = ctx.spec.student.epochs
         with pytest.raises(AttributeError, match="not keyed on spec section 'export'"):
-            ctx.spec.export
+            _ = ctx.spec.export
         (ctx.out / "out.json").write_text("{}")
     stages[1] = make_stage("train", ("student",), inputs=("generate",), body=peek)
     pipeline.build(project_factory(), stages=stages)
@@ -159,9 +159,60 @@ def test_corrupt_entry_is_a_miss(stages, project_factory):
     artifact = first.runs[1].artifact
     (artifact.path / "out.json").write_text("tampered")
     assert open_artifact(artifact.path) is None
-    assert pipeline.plan(project, stages=stages)[1].reasons == ["cache entry missing or corrupt"]
+    assert pipeline.plan(project, stages=stages)[1].reasons == [
+        "cache entry corrupt: out.json changed since it was committed (truncated or edited)"]
     pipeline.build(project, stages=stages)
     assert stages[1].calls == 2
+
+
+def test_missing_entry_and_unfinished_work_are_said_and_swept(stages, project_factory):
+    project = project_factory()
+    first = pipeline.build(project, stages=stages)
+    import shutil
+    shutil.rmtree(first.runs[2].artifact.path)
+    (project.cache_root / "tmp" / "train-dead00000000").mkdir()
+    assert pipeline.plan(project, stages=stages)[2].reasons == ["cache entry missing"]
+    logged = []
+
+    class Log(pipeline.Reporter):
+        def log(self, message):
+            logged.append(message)
+    pipeline.build(project, stages=stages, reporter=Log())
+    assert list((project.cache_root / "tmp").iterdir()) == []
+    assert any("removed 1 unfinished work dir" in m for m in logged)
+    assert stages[2].calls == 2
+
+
+def test_a_second_build_waits_for_the_compile_lock_and_names_its_holder(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from distill_compiler.cache import compile_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from distill_compiler.cache import compile_lock
+        with compile_lock({str(tmp_path)!r}, print):
+            print("held", flush=True)
+            sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert holder.stdout.readline() == "held\n"
+    waits = []
+
+    def on_wait(message):
+        waits.append(message)
+        holder.stdin.write("\n")  # let the holder go only once we are known to wait
+        holder.stdin.flush()
+    with compile_lock(tmp_path, on_wait):
+        pass
+    assert holder.wait(timeout=60) == 0
+    assert len(waits) == 1 and f"held by pid {holder.pid} (started " in waits[0]
+    with compile_lock(tmp_path, waits.append):  # released with its holder: no wait
+        pass
+    assert len(waits) == 1
 
 
 def test_lock_records_keys_inputs_outputs_and_durations(stages, project_factory):
