@@ -122,7 +122,10 @@ def _locate(root: dict, error: str) -> tuple:
     descended = True
     while descended:
         descended = False
-        for child in _children(_get(root, here)):
+        node = _get(root, here)
+        # Subschemas without a $ref first: along a chain of $refs, every link "holds" the
+        # error, but the keyword is in the one that refers to nothing.
+        for child in sorted(_children(node), key=lambda c: '"$ref"' in json.dumps(_get(node, c))):
             if compile_error(_replaced(root, here + child, {})) != error:
                 here, descended = here + child, True
                 break
