@@ -9,7 +9,8 @@ library, and nothing else of distill_compiler, so a service ships it with the bu
     classifier    ONNX encoder classifier and its routing policy (task classify)
     causal        decoder student and its policy (tasks extract and agent)
     decoder       greedy KV-cache decoding with schema-constrained masks
-    constrained   the JSON-Schema token mask; enforceable: which schemas it can enforce
+    constrained   the token mask of a schema or tool set (llguidance); enforceable: which
+                  schemas it compiles, and where one fails
     chat_format   how a conversation becomes the decoder's text, and its output a message
 
 Importing this package loads only `format` (standard library); onnxruntime loads with the

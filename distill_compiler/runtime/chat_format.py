@@ -106,11 +106,35 @@ def type_signature(schema: Any) -> str:
 
 def call_schema(tools: Sequence[dict]) -> dict:
     """The JSON Schema of one tool call, `{"name": ..., "arguments": {...}}`, for any of `tools`:
-    what the runtime constrains a call to between CALL_OPEN and CALL_CLOSE."""
-    branches = [{"type": "object",
-                 "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
-                 "required": ["name", "arguments"]} for t in tools]
-    return branches[0] if len(branches) == 1 else {"anyOf": branches}
+    what the runtime constrains a call to between CALL_OPEN and CALL_CLOSE. Each tool's local
+    `$ref`s (`#/$defs/...`) are re-pointed to where its parameters now sit."""
+    def branch(tool: dict, at: str) -> dict:
+        arguments = _rebased(tool["parameters"], f"{at}/properties/arguments")
+        return {"type": "object", "properties": {"name": {"const": tool["name"]},
+                                                 "arguments": arguments},
+                "required": ["name", "arguments"]}
+
+    if len(tools) == 1:
+        return branch(tools[0], "#")
+    return {"anyOf": [branch(t, f"#/anyOf/{i}") for i, t in enumerate(tools)]}
+
+
+_VALUES = frozenset({"const", "enum", "default", "examples"})  # instances, not schemas
+
+
+def _rebased(schema: Any, prefix: str) -> Any:
+    """`schema` with its document-local `$ref`s (`#...`) prefixed by `prefix`."""
+    if isinstance(schema, list):
+        return [_rebased(s, prefix) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = prefix + value[1:]
+        else:
+            out[key] = value if key in _VALUES else _rebased(value, prefix)
+    return out
 
 
 def render_call(name: str, arguments: Any) -> str:

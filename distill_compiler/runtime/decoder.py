@@ -15,12 +15,13 @@ export stage, names its inputs and outputs and the cache layout.
 
 Modes. Extract constrains the whole answer to the schema from its first token; once the value
 is complete the only token left is the END marker. Agent leaves text free; once the text holds
-CALL_OPEN, the call is constrained to `call_schema(tools)`, and CALL_CLOSE is forced token by
-token as soon as the call's JSON is complete. `constrain=False` is plain greedy decoding (for
-parity with the trained model and the unconstrained validity metric).
+CALL_OPEN, the call is constrained to `call_schema(tools)`, and CALL_CLOSE is forced as soon as
+the call's JSON is complete (constrained.tool_call_grammar: one llguidance grammar).
+`constrain=False` is plain greedy decoding (for parity with the trained model and the
+unconstrained validity metric).
 
 Logprobs are those of the emitted tokens under the masked, renormalised distribution: a forced
-token scores 0. Confidence is exp of the lowest logprob among tokens picked from a real choice
+token (bytes the grammar fixes, emitted as canonical tokens) scores 0. Confidence is exp of the lowest logprob among tokens picked from a real choice
 (more than one token allowed), 1.0 when nothing was chosen.
 """
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +37,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from .chat_format import CALL_CLOSE, CALL_OPEN, ChatFormat, call_schema
-from .constrained import (
-    JsonConstraint,
-    State,
-    Vocabulary,
-    feed,
-    finishable,
-    token_bytes,
-)
+from .chat_format import ChatFormat
+from .constrained import JsonConstraint, Vocabulary
 
 DECODER_FORMAT = 1
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -55,9 +49,6 @@ class Extract:
     """Answer with one JSON value valid for `schema`."""
 
     schema: dict
-
-
-TOOL_CHOICES = ("auto", "none", "required")
 
 
 @dataclass(frozen=True)
@@ -176,106 +167,6 @@ class Guide:
         return False
 
 
-class ExtractGuide(Guide):
-    """The whole answer is one JSON value, then the END marker (the constraint's EOS)."""
-
-    def __init__(self, constraint: JsonConstraint):
-        self.constraint, self.state = constraint, constraint.start()
-
-    def mask(self):
-        return self.constraint.allowed(self.state)
-
-    def advance(self, token):
-        self.state = self.constraint.advance(self.state, token)
-
-
-class AgentGuide(Guide):
-    """Free text; a call opened by CALL_OPEN follows the call schema, then CALL_CLOSE."""
-
-    def __init__(self, constraint: JsonConstraint, vocab: Vocabulary,
-                 encode: Callable[[str], list[int]], crossing: list[tuple[int, int]],
-                 tool_choice: str = "auto",
-                 opening: Callable[[int], np.ndarray] | None = None):
-        self.constraint, self.vocab, self.encode = constraint, vocab, encode
-        self.crossing = crossing         # see crossing_tokens
-        self.free = b""                 # text since the last call (or the start)
-        self.state: State | None = None  # set while a call's JSON is being written
-        self.closing: list[int] = []     # CALL_CLOSE tokens still to force
-        self.tool_choice = tool_choice
-        self.opening = opening           # see opening_masks; needed for "required"
-        self.called = False              # a call has been written
-
-    def mask(self):
-        if self.state is None:
-            if self.tool_choice == "required" and not self.called and not self.closing:
-                # Before the required call, only tokens that go on spelling CALL_OPEN (or
-                # complete it; reject() checks the call bytes they carry).
-                return self.opening(len(self.free))
-            return None
-        mask = self.constraint.allowed(self.state).copy()
-        mask[self.constraint.eos_id] = False  # a call ends with CALL_CLOSE, never the turn's end
-        for token, _ in self._ending_here():
-            mask[token] = True
-        return mask
-
-    def _ending_here(self) -> list[tuple[int, int]]:
-        """Crossing tokens whose JSON part completes the call from the current state: BPE
-        merges the call's last bytes with CALL_CLOSE's first (`"}}</`), and the student, trained
-        on such tokens, must be free to emit them."""
-        return [(token, at) for token, at in self.crossing
-                if any(finishable(s) for s in feed(self.state.stacks,
-                                                   self.vocab.tokens[token][:at]))]
-
-    def forced(self):
-        return self.closing[0] if self.closing else None
-
-    def reject(self, token):
-        """A free token that completes CALL_OPEN may carry the call's first bytes; refuse it when
-        they cannot start a valid call."""
-        if self.state is not None or self.closing:
-            return False
-        opened = self._split(token)
-        if opened is not None and self.tool_choice == "none":
-            return True
-        return opened is not None and opened[1] and not feed(self.constraint.start().stacks,
-                                                                 opened[1])
-
-    def advance(self, token):
-        if self.closing:
-            self.closing.pop(0)
-            return
-        if self.state is not None:
-            ending = dict(self._ending_here())
-            if token in ending:
-                rest = CALL_CLOSE.encode()[len(self.vocab.tokens[token]) - ending[token]:]
-                self.state, self.free, self.called = None, b"", True
-                self.closing = self.encode(rest.decode()) if rest else []
-                return
-            self.state = self.constraint.advance(self.state, token)
-            if self.state.complete:
-                self.state, self.closing, self.free = None, self.encode(CALL_CLOSE), b""
-                self.called = True
-            return
-        opened = self._split(token)
-        if opened is None:
-            self.free += self.vocab.tokens[token] or b""
-            return
-        self.state = self.constraint.start()
-        if opened[1]:
-            self.state = State(feed(self.state.stacks, opened[1]))
-
-    def _split(self, token: int) -> tuple[bytes, bytes] | None:
-        """(free text, call bytes) when `token` completes CALL_OPEN, else None."""
-        data = self.vocab.tokens[token]
-        if data is None:  # a special token: the END marker, or a tokenizer's own call marker
-            return None
-        text = self.free + data
-        at = text.find(CALL_OPEN.encode(), max(0, len(self.free) - len(CALL_OPEN) + 1))
-        if at < 0:
-            return None
-        return text[:at], text[at + len(CALL_OPEN):]
-
-
 # --------------------------------------------------------------------------- the decoder
 
 
@@ -303,9 +194,7 @@ class Decoder:
         self.end_id = self.spec.stop_token_ids[0]
         self._prefixes: list[tuple[list[int], list[np.ndarray]]] = []
         self._vocab: Vocabulary | None = None
-        self._crossing: list[tuple[int, int]] | None = None
         self._max_token_chars: int | None = None
-        self._opening: list[np.ndarray] | None = None
         self._constraints: dict[str, JsonConstraint] = {}
 
     # -- what constrained decoding needs, built once: classifying the vocabulary is the cost
@@ -313,17 +202,13 @@ class Decoder:
     @property
     def vocab(self) -> Vocabulary:
         if self._vocab is None:
-            specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()
-                        if t.special]
-            self._vocab = Vocabulary(token_bytes(self.tokenizer.get_vocab(), specials,
-                                                 self.spec.vocab_size))
+            # llguidance encodes forced bytes with it: a copy without padding or truncation
+            tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+            self._vocab = Vocabulary(tokenizer.to_str(), self.spec.vocab_size,
+                                     self.spec.stop_token_ids)
         return self._vocab
-
-    @property
-    def crossing(self) -> list[tuple[int, int]]:
-        if self._crossing is None:
-            self._crossing = crossing_tokens(self.vocab)
-        return self._crossing
 
     @property
     def max_token_chars(self) -> int:
@@ -331,29 +216,24 @@ class Decoder:
         if self._max_token_chars is None:
             self._max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         return self._max_token_chars
-    def opening(self, at: int) -> np.ndarray:
-        """The mask of tokens that continue CALL_OPEN from its byte `at` (see opening_masks)."""
-        if self._opening is None:
-            self._opening = opening_masks(self.vocab)
-        return self._opening[at]
-
-    def _encode_plain(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def constraint(self, schema: dict) -> JsonConstraint:
         key = json.dumps(schema, sort_keys=True)
         if key not in self._constraints:
-            self._constraints[key] = JsonConstraint(schema, self.vocab, self.end_id)
+            self._constraints[key] = JsonConstraint.for_schema(schema, self.vocab)
+        return self._constraints[key]
+
+    def tool_constraint(self, tools: Sequence[dict], tool_choice: str) -> JsonConstraint:
+        key = json.dumps([list(tools), tool_choice], sort_keys=True)
+        if key not in self._constraints:
+            self._constraints[key] = JsonConstraint.for_tools(tools, tool_choice, self.vocab)
         return self._constraints[key]
 
     def guide(self, mode: Extract | Agent | None) -> Guide:
         if isinstance(mode, Extract):
-            return ExtractGuide(self.constraint(mode.schema))
+            return self.constraint(mode.schema).start()
         if isinstance(mode, Agent):
-            if mode.tool_choice not in TOOL_CHOICES:
-                raise ValueError(f"tool_choice {mode.tool_choice!r} is not one of {TOOL_CHOICES}")
-            return AgentGuide(self.constraint(call_schema(list(mode.tools))), self.vocab,
-                              self._encode_plain, self.crossing, mode.tool_choice, self.opening)
+            return self.tool_constraint(list(mode.tools), mode.tool_choice).start()
         return Guide()
 
     # -- decoding
@@ -418,36 +298,6 @@ class Decoder:
             confidence=float(np.exp(min(choices))) if choices else 1.0, new_tokens=len(tokens),
             seconds=time.perf_counter() - started, truncated=not finished,
             first_token_seconds=first, cached_prefix=cached)
-
-
-def crossing_tokens(vocab: Vocabulary) -> list[tuple[int, int]]:
-    """(token, at) for tokens whose bytes from `at` on are a non-empty prefix of CALL_CLOSE,
-    after at least one byte that could end a call's JSON (e.g. `"}}</`, at 3)."""
-    close = CALL_CLOSE.encode()
-    out = []
-    for token, data in enumerate(vocab.tokens):
-        if not data:
-            continue
-        for at in range(1, len(data)):
-            if close.startswith(data[at:]):
-                out.append((token, at))
-                break
-    return out
-
-
-def opening_masks(vocab: Vocabulary) -> list[np.ndarray]:
-    """For each byte offset k of CALL_OPEN, the tokens whose bytes either are a prefix of
-    CALL_OPEN[k:] or start with all of it (and may carry the call's first bytes)."""
-    opening = CALL_OPEN.encode()
-    masks = [np.zeros(len(vocab.tokens), dtype=bool) for _ in opening]
-    for token, data in enumerate(vocab.tokens):
-        if not data:
-            continue
-        for k, mask in enumerate(masks):
-            rest = opening[k:]
-            if data[0] == rest[0] and (rest.startswith(data) or data.startswith(rest)):
-                mask[token] = True
-    return masks
 
 
 def pick(logits: np.ndarray, guide: Guide) -> tuple[int, float, bool]:

@@ -1,59 +1,43 @@
-"""Which JSON Schemas constrained decoding can enforce, and why not the others.
+"""Which JSON Schemas constrained decoding enforces: exactly those llguidance compiles.
 
-Standard library only, so spec checks (`distill check`) can call check_schema without numpy;
-constrained.py compiles the schemas that pass into a decoding grammar.
+The runtime hands schemas to llguidance (constrained.py); this module owns what it hands over
+(`decoding_schema`) and finds out, by compiling that, whether a schema can be enforced and where
+it cannot (`schema_problems`). It imports llguidance but not numpy, so `distill check` can call
+it without the runtime's heavier libraries.
+
+    schema_problems(schema)   # [] or [(("properties", "id", "pattern"), "'pattern' cannot ...")]
+
+llguidance reports one error, without saying where. The keyword is found by compiling variants:
+the deepest subschema whose replacement by `{}` changes the error holds it, and of that
+subschema's keywords the one whose removal changes it is reported. It is then dropped and the
+schema compiled again, so every problem is listed at once.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import re
 
-# --------------------------------------------------------------------------- schema check
+import llguidance
 
-# Keywords that only document the schema; they never constrain a value.
-ANNOTATIONS = frozenset({"description", "title", "default", "examples", "$schema", "$id",
-                         "$comment", "deprecated", "readOnly", "writeOnly"})
-# What the decoder enforces, per JSON type.
-KEYWORDS_BY_TYPE = {
-    "object": frozenset({"properties", "required", "additionalProperties"}),
-    "array": frozenset({"items", "minItems", "maxItems"}),
-    "string": frozenset({"minLength", "maxLength"}),
-    "integer": frozenset(),
-    "number": frozenset(),
-    "boolean": frozenset(),
-    "null": frozenset(),
-}
-SUPPORTED_KEYWORDS = (ANNOTATIONS | {"type", "enum", "const", "anyOf"}
-                      | frozenset().union(*KEYWORDS_BY_TYPE.values()))
-_BOUNDS_HINT = ("numeric bounds are not enforced by constrained decoding (remove it, or use "
-                "enum for a closed set of values)")
-# Why a keyword is refused, and what to do instead; any other keyword gets a generic message.
-UNSUPPORTED_HINTS = {
-    "format": "'format' cannot be enforced by constrained decoding (remove it and use a plain "
-              "string; describe the format in 'description')",
-    "pattern": "'pattern' is not supported: this decoder does not run regular expressions "
-               "(remove it, or use enum for a closed set of strings)",
-    "$ref": "'$ref' is not supported (inline the referenced schema)",
-    "$defs": "'$defs' is not supported (inline the definitions where they are used)",
-    "definitions": "'definitions' is not supported (inline the definitions where they are used)",
-    "oneOf": "'oneOf' is not supported: the decoder cannot guarantee that exactly one branch "
-             "matches (use anyOf)",
-    "allOf": "'allOf' is not supported (merge its branches into one schema)",
-    "not": "'not' cannot be enforced by constrained decoding",
-    "minimum": f"'minimum': {_BOUNDS_HINT}",
-    "maximum": f"'maximum': {_BOUNDS_HINT}",
-    "exclusiveMinimum": f"'exclusiveMinimum': {_BOUNDS_HINT}",
-    "exclusiveMaximum": f"'exclusiveMaximum': {_BOUNDS_HINT}",
-    "multipleOf": f"'multipleOf': {_BOUNDS_HINT}",
-    "prefixItems": "tuple arrays ('prefixItems') are not supported (use an object)",
-    "patternProperties": "'patternProperties' is not supported: free-form keys cannot be "
-                         "enforced (list the properties)",
-}
+SEPARATORS = (", ", ": ")  # json.dumps's defaults: what the students are trained on
+# No whitespace but the separators: the layout of the training targets, one token sequence each.
+COMPILE_OPTIONS = {"item_separator": SEPARATORS[0], "key_separator": SEPARATORS[1],
+                   "whitespace_flexible": False}
+MAX_PROBLEMS = 20
+
+# Where a schema holds subschemas (JSON Schema 2020-12 applicators, and draft 7's spellings).
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMA_VALUES = ("items", "additionalItems", "additionalProperties", "propertyNames",
+                 "contains", "not", "if", "then", "else", "unevaluatedItems",
+                 "unevaluatedProperties")
+# Words of llguidance's messages that name a keyword other than by its spelling.
+ALIASES = {"pattern": ("regex",), "$ref": ("Pointer",)}
 
 
 class SchemaNotEnforceable(ValueError):
-    """A schema with keywords or values the decoder cannot enforce; `problems` lists them all."""
+    """A schema llguidance cannot compile; `problems` lists them as 'json.path: message'."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
@@ -61,166 +45,145 @@ class SchemaNotEnforceable(ValueError):
                          + "\n  ".join(problems))
 
 
-def check_schema(schema: object) -> list[str]:
-    """Every reason the decoder cannot enforce `schema`, as 'json.path: message'; [] when it can.
+# --------------------------------------------------------------------------- what is compiled
 
-    The decoder never ignores a keyword: anything outside SUPPORTED_KEYWORDS is a problem, so is
-    a keyword that does not apply to the declared type (`maxLength` on an integer) and a value
-    the decoder could never complete (a required property that is not declared).
-    """
-    problems: list[str] = []
-    _check(schema, (), problems)
+def decoding_schema(schema: dict) -> dict:
+    """`schema` as the runtime compiles it: the training layout (COMPILE_OPTIONS) and objects
+    closed to their declared properties where the schema does not say what else may appear, so
+    the student writes the keys it was trained on and nothing else (still valid either way)."""
+    return {**_closed(schema), "x-guidance": COMPILE_OPTIONS}
+
+
+def _closed(schema):
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _closed(sub) for name, sub in out[key].items()}
+    for key in SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(sub) for sub in out[key]]
+    for key in SCHEMA_VALUES:
+        if key in out:
+            out[key] = ([_closed(s) for s in out[key]] if isinstance(out[key], list)
+                        else _closed(out[key]))
+    if _is_object(out) and not {"additionalProperties", "patternProperties",
+                                "unevaluatedProperties"} & set(out):
+        out["additionalProperties"] = False
+    return out
+
+
+def _is_object(schema: dict) -> bool:
+    types = schema.get("type")
+    return "properties" in schema or types == "object" or (
+        isinstance(types, list) and "object" in types)
+
+
+def compile_error(schema: object) -> str:
+    """llguidance's error for `decoding_schema(schema)`, '' when it compiles."""
+    if not isinstance(schema, dict):
+        return f"a schema must be an object, not {json.dumps(schema)}"
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(decoding_schema(schema))
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    return messages[0] if is_error else ""
+
+
+# --------------------------------------------------------------------------- where it fails
+
+def schema_problems(schema: object) -> list[tuple[tuple, str]]:
+    """Every reason llguidance cannot compile `schema`, as (keyword path, message)."""
+    problems: list[tuple[tuple, str]] = []
+    error = compile_error(schema)
+    while error and isinstance(schema, dict) and len(problems) < MAX_PROBLEMS:
+        path = _locate(schema, error)
+        problems.append((path, _message(path, error)))
+        if not path:
+            break
+        schema = _without(schema, path)
+        following = compile_error(schema)
+        if following == error:  # dropping the keyword did not help: stop rather than repeat
+            break
+        error = following
+    if error and not problems:
+        problems.append(((), _message((), error)))
     return problems
 
 
-def _where(path: tuple[str, ...], *more: str) -> str:
-    return ".".join(path + more) or "<root>"
+def check_schema(schema: object) -> list[str]:
+    """schema_problems as 'json.path: message' ('<root>' for the schema itself); [] if none."""
+    return [f"{'.'.join(map(str, path)) or '<root>'}: {message}"
+            for path, message in schema_problems(schema)]
 
 
-def _check(schema: object, path: tuple[str, ...], problems: list[str]) -> None:
-    def problem(message: str, *more: str) -> None:
-        problems.append(f"{_where(path, *more)}: {message}")
-
-    if not isinstance(schema, dict):
-        problem(f"a schema must be an object with a 'type', not {json.dumps(schema)}")
-        return
-    if "anyOf" in schema:
-        _check_any_of(schema, path, problem, problems)
-    elif "enum" in schema or "const" in schema:
-        _check_enum(schema, problem)
-    elif "type" not in schema:
-        # A lone $ref or oneOf is better reported as itself than as a missing type.
-        if not _check_keywords(schema, SUPPORTED_KEYWORDS, problem):
-            problem("no 'type': the decoder needs a type (or enum, const or anyOf) to know what "
-                    "to emit")
-    else:
-        _check_typed(schema, path, problem, problems)
-
-
-def _type_list(schema: dict, problem) -> list[str] | None:
-    types = schema["type"]
-    types = [types] if isinstance(types, str) else types
-    if (not isinstance(types, list) or not types or len(set(map(str, types))) != len(types)
-            or any(t not in KEYWORDS_BY_TYPE for t in types)):
-        problem(f"'type' must be one of {sorted(KEYWORDS_BY_TYPE)} or a list of distinct ones, "
-                f"not {json.dumps(schema['type'])}", "type")
-        return None
-    return types
+def _locate(root: dict, error: str) -> tuple:
+    """The path of the keyword behind `error` (see the module docstring)."""
+    here: tuple = ()
+    descended = True
+    while descended:
+        descended = False
+        node = _get(root, here)
+        # Subschemas without a $ref first: along a chain of $refs, every link "holds" the
+        # error, but the keyword is in the one that refers to nothing.
+        for child in sorted(_children(node), key=lambda c: '"$ref"' in json.dumps(_get(node, c))):
+            if compile_error(_replaced(root, here + child, {})) != error:
+                here, descended = here + child, True
+                break
+    node = _get(root, here)
+    for key in sorted(node, key=lambda k: not _named_in(k, error)):
+        if compile_error(_replaced(root, here, {k: v for k, v in node.items() if k != key})) != error:
+            return here + (key,)
+    return here
 
 
-def _check_keywords(schema: dict, applicable: frozenset, problem) -> bool:
-    """Report each keyword outside `applicable`; whether there was one."""
-    found = False
-    for key in schema:
-        if key in applicable:
-            continue
-        found = True
-        if key in SUPPORTED_KEYWORDS:
-            problem(f"'{key}' does not apply to type {json.dumps(schema.get('type'))}", key)
-        else:
-            problem(UNSUPPORTED_HINTS.get(
-                key, f"'{key}' cannot be enforced by constrained decoding (remove it)"), key)
-    return found
+def _children(node: object) -> list[tuple]:
+    if not isinstance(node, dict):
+        return []
+    out = []
+    for key in SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            out += [(key, name) for name in node[key]]
+    for key in (*SCHEMA_LISTS, *SCHEMA_VALUES):
+        value = node.get(key)
+        if isinstance(value, list):
+            out += [(key, i) for i in range(len(value))]
+        elif isinstance(value, dict):
+            out.append((key,))
+    return out
 
 
-def _check_any_of(schema: dict, path, problem, problems) -> None:
-    others = sorted(set(schema) - ANNOTATIONS - {"anyOf"})
-    if others:
-        problem(f"'anyOf' must stand alone next to annotations; move {others} into each branch",
-                "anyOf")
-    branches = schema["anyOf"]
-    if not isinstance(branches, list) or not branches:
-        problem("'anyOf' must be a non-empty list of schemas", "anyOf")
-        return
-    for i, branch in enumerate(branches):
-        _check(branch, path + ("anyOf", str(i)), problems)
+def _named_in(key: str, error: str) -> bool:
+    words = (key, *ALIASES.get(key, ()))
+    return any(re.search(rf"(?<![\w$]){re.escape(w)}(?!\w)", error) for w in words)
 
 
-def _check_enum(schema: dict, problem) -> None:
-    if "enum" in schema and "const" in schema:
-        problem("give either 'enum' or 'const', not both", "const")
-    key = "enum" if "enum" in schema else "const"
-    values = schema["enum"] if key == "enum" else [schema["const"]]
-    if not isinstance(values, list) or not values:
-        problem("'enum' must be a non-empty list", key)
-        return
-    for other in sorted(set(schema) - ANNOTATIONS - {"enum", "const", "type"}):
-        problem(f"'{other}' next to '{key}': the {key} already fixes the value (drop '{other}', "
-                f"or filter the {key} values)", other)
-    types = _type_list(schema, problem) if "type" in schema else None
-    for value in values:
-        if not _finite(value):
-            problem(f"{value!r} is not a JSON value", key)
-        elif types and not any(_is_type(value, t) for t in types):
-            problem(f"{json.dumps(value)} is not of type {json.dumps(schema['type'])}", key)
+def _get(root, path: tuple):
+    for part in path:
+        root = root[part]
+    return root
 
 
-def _check_typed(schema: dict, path, problem, problems) -> None:
-    types = _type_list(schema, problem)
-    if types is None:
-        return
-    applicable = ANNOTATIONS | {"type"} | frozenset().union(*(KEYWORDS_BY_TYPE[t] for t in types))
-    _check_keywords(schema, applicable, problem)
-    if "object" in types:
-        _check_object(schema, path, problem, problems)
-    if "array" in types:
-        if not isinstance(schema.get("items"), dict):
-            problem("an array needs 'items' with a schema (tuple arrays are not supported)",
-                    "items")
-        else:
-            _check(schema["items"], path + ("items",), problems)
-        _check_bounds(schema, "minItems", "maxItems", problem)
-    if "string" in types:
-        _check_bounds(schema, "minLength", "maxLength", problem)
+def _replaced(root, path: tuple, value):
+    """A copy of `root` with the value at `path` replaced (copied along the path only)."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    copy = list(root) if isinstance(root, list) else dict(root)
+    copy[head] = _replaced(root[head], rest, value)
+    return copy
 
 
-def _check_object(schema: dict, path, problem, problems) -> None:
-    props = schema.get("properties", {})
-    if not isinstance(props, dict):
-        problem("'properties' must map names to schemas", "properties")
-        props = {}
-    for name, sub in props.items():
-        _check(sub, path + ("properties", name), problems)
-    required = schema.get("required", [])
-    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-        problem("'required' must be a list of property names", "required")
-    else:
-        for name in required:
-            if name not in props:
-                problem(f"required property '{name}' is not in 'properties' (the decoder emits "
-                        "declared properties only, so it could never appear)", "required")
-    extra = schema.get("additionalProperties", False)
-    if not isinstance(extra, bool):
-        problem("a schema-valued 'additionalProperties' (free-form keys) cannot be enforced; "
-                "list the properties and set additionalProperties: false",
-                "additionalProperties")
+def _without(root, path: tuple):
+    parent = _get(root, path[:-1])
+    if isinstance(parent, dict):
+        return _replaced(root, path[:-1], {k: v for k, v in parent.items() if k != path[-1]})
+    return _replaced(root, path, {})
 
 
-def _check_bounds(schema: dict, low: str, high: str, problem) -> None:
-    for key in (low, high):
-        value = schema.get(key, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            problem(f"'{key}' must be a non-negative integer", key)
-            return
-    if high in schema and schema.get(low, 0) > schema[high]:
-        problem(f"'{low}' {schema[low]} is greater than '{high}' {schema[high]}", low)
-
-
-def _is_type(value: object, t: str) -> bool:
-    if t == "integer":
-        return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and value.is_integer())
-    if t == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    kinds = {"string": str, "boolean": bool, "null": type(None), "object": dict, "array": list}
-    return isinstance(value, kinds[t])
-
-
-def _finite(value: object) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return all(map(_finite, value))
-    if isinstance(value, dict):
-        return all(map(_finite, value.values()))
-    return True
+def _message(path: tuple, error: str) -> str:
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    if lines and lines[0].startswith("regex parse error"):
+        lines = [lines[-1].removeprefix("error: ")]  # the reason; the caret art says no more
+    reason = " ".join(lines)
+    what = f"'{path[-1]}'" if path and isinstance(path[-1], str) else "this schema"
+    return f"{what} cannot be enforced by constrained decoding (llguidance: {reason})"

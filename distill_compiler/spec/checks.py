@@ -49,20 +49,18 @@ def check_schemas(spec: Spec) -> list[Finding]:
 
 
 def check_enforceable(spec: Spec) -> list[Finding]:
-    """The runtime constrains extractions and tool arguments to their schemas, so a keyword it
-    cannot enforce is an error here rather than an output that silently breaks the schema."""
-    from ..runtime.enforceable import check_schema
+    """The runtime constrains extractions and tool arguments to their schemas through
+    llguidance, so a schema it cannot compile is an error here, at the keyword's line, rather
+    than a bundle that fails to load."""
+    from ..runtime.enforceable import schema_problems
 
     blocks = [(("tools", i, "parameters"), t.parameters) for i, t in enumerate(spec.tools)]
     if spec.task == "extract" and spec.output:
         blocks.append((("output", "schema"), spec.output.schema_))
     found = []
     for path, schema in blocks:
-        for problem in check_schema(schema):
-            where, _, message = problem.partition(": ")
-            sub = () if where == "<root>" else tuple(
-                int(p) if p.isdigit() else p for p in where.split("."))
-            found.append((path + sub, message, None))  # the message carries its remedy
+        for where, message in schema_problems(schema):
+            found.append((path + where, message, None))  # the message carries its reason
     return found
 
 

@@ -3,6 +3,7 @@ constrained decoding emits it, and parse() inverts the assistant body."""
 
 import json
 
+import jsonschema
 import pytest
 from tiny_causal import TOOLS, agent_trace, build_chat_tokenizer, fixture_chat_text
 
@@ -14,7 +15,7 @@ from distill_compiler.runtime.chat_format import (
     order_like,
     render_call,
 )
-from distill_compiler.runtime.constrained import JsonConstraint, byte_level_vocab
+from distill_compiler.runtime.constrained import JsonConstraint, Vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +60,37 @@ def test_arguments_follow_schema_order_whatever_the_log_did():
 
 
 def test_constrained_decoding_can_emit_every_rendered_call(tokenizer):
-    """A rendered call's JSON, fed token by token, is accepted by the call-schema constraint:
-    the runtime can reproduce what the student was trained on."""
-    vocab = byte_level_vocab(tokenizer.get_vocab(), tokenizer.all_special_tokens, len(tokenizer))
-    constraint = JsonConstraint(call_schema(TOOLS), vocab, tokenizer.eos_token_id)
+    """A rendered call, fed token by token as training tokenizes it, is accepted by the agent
+    grammar (each tool's schema): the runtime can reproduce what the student was trained on."""
+    vocab = Vocabulary(tokenizer.backend_tokenizer.to_str(), len(tokenizer),
+                       [tokenizer.eos_token_id])
+    constraint = JsonConstraint.for_tools(TOOLS, "required", vocab)
     for name, args in (("get_order", {"order_id": "A12"}),
                        ("cancel_order", {"order_id": "A13", "reason": "too_late"})):
         body = render_call(name, order_like(args, next(t for t in TOOLS if t["name"] == name)["parameters"]))
-        body = body[len(CALL_OPEN):-len(CALL_CLOSE)]
-        state = constraint.start()
+        guide = constraint.start()
         for token in tokenizer.encode(body, add_special_tokens=False):
-            assert constraint.allowed(state)[token]
-            state = constraint.advance(state, token)
-        assert state.complete
+            assert guide.mask()[token]
+            guide.advance(token)
+        assert guide.accepting
+
+
+def test_call_schema_repoints_each_tools_refs():
+    """$refs are relative to the document, and a tool's parameters move inside the call
+    schema: they must still resolve there, for jsonschema as for the decoder."""
+    params = {"type": "object", "$defs": {"id": {"type": "string", "pattern": "^A[0-9]+$"}},
+              "properties": {"order_id": {"$ref": "#/$defs/id"},
+                             "note": {"const": {"$ref": "#kept"}}}}
+    tools = [{"name": "a", "parameters": params}, {"name": "b", "parameters": params}]
+    schema = call_schema(tools)
+    arguments = schema["anyOf"][1]["properties"]["arguments"]
+    assert arguments["properties"]["order_id"]["$ref"] == "#/anyOf/1/properties/arguments/$defs/id"
+    assert arguments["properties"]["note"]["const"] == {"$ref": "#kept"}  # a value, not a ref
+    jsonschema.validate({"name": "b", "arguments": {"order_id": "A1"}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "b", "arguments": {"order_id": "B1"}}, schema)
+    single = call_schema(tools[:1])["properties"]["arguments"]["properties"]["order_id"]
+    assert single["$ref"] == "#/properties/arguments/$defs/id"
 
 
 def test_parse_inverts_the_assistant_body():

@@ -75,6 +75,73 @@ def test_agent_calls_validate_against_their_tool(which, request):
         assert calls >= 3  # the trained student calls tools on the first turn of each trace
 
 
+# Real tool schemas: the keywords users paste (pattern, format, bounds, $ref) on the fixture tools.
+RICH_TOOLS = [
+    {"name": "get_order", "parameters": {
+        "type": "object", "$defs": {"id": {"type": "string", "pattern": "^A[0-9]{2}$"}},
+        "properties": {"order_id": {"$ref": "#/$defs/id"}}, "required": ["order_id"]}},
+    {"name": "cancel_order", "parameters": {
+        "type": "object", "properties": {
+            "order_id": {"type": "string", "pattern": "^A[0-9]{2}$"},
+            "reason": {"enum": ["changed_mind", "too_late", "other"]},
+            "when": {"type": "string", "format": "date"},
+            "refund": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 500},
+                                 {"const": "full"}]}},
+        "required": ["order_id", "reason"]}}]
+RICH_EXTRACT = {"type": "object", "properties": {
+    "order_id": {"type": "string", "pattern": "^A[0-9]{2}$"},
+    "issue": {"oneOf": [{"const": "late"}, {"const": "damaged"}, {"const": "other"}]},
+    "refund": {"type": "boolean"}, "day": {"type": "string", "format": "date"},
+    "amount": {"type": "number", "exclusiveMinimum": 0, "maximum": 99, "multipleOf": 0.5}},
+    "required": ["order_id", "issue", "refund"]}
+
+
+def sampled(decoder: Decoder, prompt: str, mode, rng, max_new_tokens: int = 64) -> str:
+    """Decode by sampling from the model's masked distribution (temperature 1), not greedily:
+    validity must not hang on the argmax."""
+    guide = decoder.guide(mode)
+    ids = decoder.encode(prompt)
+    logits, cache = decoder.graph.step(ids, 0, decoder.graph.empty_cache())
+    out = []
+    for _ in range(max_new_tokens):
+        token = guide.forced()
+        if token is None:
+            scores = np.where(guide.mask()[:logits.size], logits.astype(np.float64), -np.inf)
+            p = np.exp(scores - scores.max())
+            token = int(rng.choice(p.size, p=p / p.sum()))
+        guide.advance(token)
+        if token == decoder.end_id:
+            return decoder.tokenizer.decode(out, skip_special_tokens=False)
+        out.append(token)
+        logits, cache = decoder.graph.step([token], len(ids) + len(out) - 1, cache)
+    return None  # ran out of tokens
+
+
+@pytest.mark.parametrize("which", ["exported_causal", "untrained"])
+def test_sampled_answers_validate_against_real_schemas(which, request):
+    decoder = Decoder(request.getfixturevalue(which))
+    rng = np.random.default_rng(0)
+    params = {t["name"]: t["parameters"] for t in RICH_TOOLS}
+    finished = calls = 0
+    for prompt in prompts("extract", range(48, 54)):
+        text = sampled(decoder, prompt, Extract(RICH_EXTRACT), rng)
+        if text is not None:
+            finished += 1
+            jsonschema.validate(json.loads(text), RICH_EXTRACT)
+    for prompt in prompts("agent", range(48, 52)):
+        for choice in ("auto", "required"):
+            text = sampled(decoder, prompt, Agent(RICH_TOOLS, choice), rng)
+            message = CHAT.parse(text or "")
+            for call in message.get("tool_calls") or ():
+                jsonschema.validate(json.loads(call["function"]["arguments"]),
+                                    params[call["function"]["name"]])
+                calls += 1
+            if text is not None:
+                finished += 1
+                assert text.count(CALL_OPEN) == len(message.get("tool_calls") or ())
+    assert finished >= 4 and (calls >= 1 or which == "untrained")
+
+
 def test_trained_student_answers_the_fixtures(exported_causal):
     decoder = Decoder(exported_causal)
     c = decoder.complete(prompts("extract", [49])[0], Extract(EXTRACT_SCHEMA), 64)

@@ -14,7 +14,7 @@ from pathlib import Path
 import distill_compiler
 
 PACKAGE = Path(distill_compiler.__file__).parent
-RUNTIME_LIBRARIES = {"jsonschema", "numpy", "onnxruntime", "tokenizers"}
+RUNTIME_LIBRARIES = {"jsonschema", "llguidance", "numpy", "onnxruntime", "tokenizers"}
 HEAVY = ("torch", "transformers", "pydantic", "yaml", "litellm")
 
 
