@@ -83,18 +83,20 @@ class RichReporter(pipeline.Reporter):
 
     def progress_lines(self, description: str, total: int | None, every_s: float = 60.0):
         """Progress for a log file or a CI console, where no bar is drawn: a line a minute
-        (and at the end) with the count, the rate and the ETA."""
-        started = last = time.monotonic()
-        done = 0
+        (and at the end) with the count, the rate since the previous line and the ETA at it
+        (a rate since the start would hide a machine that got busier or quieter)."""
+        last = time.monotonic()
+        done = done_at_last = 0
 
         def advance(n: int = 1) -> None:
-            nonlocal done, last
+            nonlocal done, done_at_last, last
             done += n
             now = time.monotonic()
             finished = total is not None and done >= total
             if now - last < every_s and not finished:
                 return
-            last, rate = now, done / max(now - started, 1e-9)
+            rate = (done - done_at_last) / max(now - last, 1e-9)
+            last, done_at_last = now, done
             of = f"/{total:,} ({min(done / total, 1):.0%})" if total else ""
             eta = (f", eta {timedelta(seconds=round((total - done) / rate))}"
                    if total and not finished and rate > 0 else "")

@@ -140,5 +140,6 @@ def test_progress_in_a_log_file_is_lines_with_rate_and_eta(monkeypatch):
     advance(100)   # 62 s: too soon
     advance(700)   # done: always a line
     lines = buffer.getvalue().splitlines()
+    # rates since the previous line: 200 in 61 s, then 800 in 139 s
     assert lines == ["  fine-tuning (tokens): 200/1,000 (20%), 3.3/s, eta 0:04:04",
-                     "  fine-tuning (tokens): 1,000/1,000 (100%), 5.0/s"]
+                     "  fine-tuning (tokens): 1,000/1,000 (100%), 5.8/s"]
