@@ -61,7 +61,7 @@ def start_server(bundle: Path, threads: int | None, stderr_path: Path,
     cmd += list(extra)
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(cmd, stderr=err, env=env)
-    deadline = time.monotonic() + 300  # a 540 MB decoder takes a while to load on a busy CPU
+    deadline = time.monotonic() + 1800  # a 540 MB decoder takes minutes to load on a busy CPU
     while not (m := re.search(r"on (http://\S+) ", stderr_path.read_text())):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -167,8 +167,8 @@ def agent_run(args, tmp: Path) -> list[tuple[str, dict]]:
     levels = [int(c) for c in args.levels.split(",")]
     counts = [int(n) for n in args.agent_requests.split(",")]
     out = []
-    for label, rows in (("one request at a time", 1), (f"batched, {args.batch_rows} rows",
-                                                        args.batch_rows)):
+    paths = [("one request at a time", 1), (f"batched, {args.batch_rows} rows", args.batch_rows)]
+    for label, rows in paths if args.decoding == "both" else paths[args.decoding == "batched":][:1]:
         proc, base = start_server(args.bundle, args.threads, tmp / f"stderr-{rows}.txt",
                                   ("--batch-rows", str(rows), "--request-timeout", "1800"))
         try:
@@ -207,6 +207,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=24, help="agent bundles: max_tokens")
     parser.add_argument("--batch-rows", type=int, default=4,
                         help="agent bundles: the batched server's --batch-rows")
+    parser.add_argument("--decoding", choices=["both", "single", "batched"], default="both",
+                        help="agent bundles: which decoding paths to run")
     args = parser.parse_args()
 
     task = json.loads((args.bundle / "policy.json").read_text()).get("task")
