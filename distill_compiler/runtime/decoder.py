@@ -8,6 +8,11 @@ edge bundle runs it without torch or transformers:
     c = decoder.complete(prompt, Extract(schema))   # JSON valid for the schema, then the END marker
     c = decoder.complete(prompt, Agent(tools))      # free text; every <tool_call> valid for a tool
     c.message, c.confidence, c.truncated
+    decoder.generate_many(prompt_ids, modes)        # the same answers, rows decoded together
+
+Batching (Batch): rows with their own caches, left-padded to the longest and masked, share one
+graph run per step; each keeps its positions and its Guide, and rows join and leave between
+steps. It needs a graph with position_ids and attention_mask inputs (`graph_batches`).
 
 The graph is the single decode graph of `transformers.exporters` (multi-token decode): fed an
 empty cache it is the prefill, then it takes one token per step. `decoder.json`, written by the
