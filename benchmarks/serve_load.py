@@ -2,6 +2,16 @@
 client concurrencies, with real support messages.
 
     python benchmarks/serve_load.py [BUNDLE] [--requests 400] [--levels 1,8,32] [--threads N]
+    python benchmarks/serve_load.py AGENT_BUNDLE --data LOG [--agent-requests 4,16,32]
+        [--max-tokens 24] [--batch-rows 4]
+
+A classify bundle gets plain requests. An agent (or extract) bundle gets streamed requests
+(`stream: true`), timed to the first content or tool-call chunk (time to first token) and to
+the end, and runs twice in the same process: the server decoding each request on its own
+(`--batch-rows 1`, --threads at a time: the path before batching) and decoding up to
+`--batch-rows` requests together. Agent requests are the opening user turns of the log's
+conversations, with all of the bundle's tools offered and `max_tokens` set, so a 135M student
+on two cores finishes a run in minutes.
 
 The server is the real CLI (`distill serve`) in its own process; this process is the client
 (httpx, keep-alive connections, one per concurrent slot), so on a small machine the two
@@ -39,7 +49,8 @@ def messages(path: Path) -> list[str]:
     return [row["input"]["message"] for row in rows]
 
 
-def start_server(bundle: Path, threads: int | None, stderr_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(bundle: Path, threads: int | None, stderr_path: Path,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     policy = json.loads((bundle / "policy.json").read_text())
     key_env = (policy.get("teacher") or {}).get("api_key_env")
     env = {k: v for k, v in os.environ.items() if k != key_env}
@@ -47,9 +58,10 @@ def start_server(bundle: Path, threads: int | None, stderr_path: Path) -> tuple[
            str(bundle), "--port", "0", "--concurrency", "256"]
     if threads:
         cmd += ["--threads", str(threads)]
+    cmd += list(extra)
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(cmd, stderr=err, env=env)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 1800  # a 540 MB decoder takes minutes to load on a busy CPU
     while not (m := re.search(r"on (http://\S+) ", stderr_path.read_text())):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -90,6 +102,98 @@ async def level(base: str, texts: list[str], concurrency: int, n: int) -> dict:
             "p99_ms": float(np.percentile(ms, 99)), "routes": dict(routes)}
 
 
+def agent_turns(path: Path) -> list[list[dict]]:
+    """The opening user turn of each conversation in a chat-format teacher log."""
+    out, seen = [], set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        users = [m for m in json.loads(line)["request"]["messages"] if m["role"] == "user"]
+        if users and users[0]["content"] not in seen:
+            seen.add(users[0]["content"])
+            out.append([{"role": "user", "content": users[0]["content"]}])
+    return out
+
+
+async def streamed(client: httpx.AsyncClient, body: dict) -> tuple[int, float, float, str]:
+    """(status, seconds to the first content or tool-call delta, seconds to the end, route)."""
+    started = time.perf_counter()
+    first = None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                delta = choices[0].get("delta") or {}
+                if delta.get("content") or delta.get("tool_calls"):
+                    first = time.perf_counter() - started
+        route = response.headers.get("x-distill-route", "none")
+        status = response.status_code
+    total = time.perf_counter() - started
+    return status, total if first is None else first, total, route
+
+
+async def agent_level(base: str, turns: list[list[dict]], concurrency: int, n: int,
+                      max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=1800) as client:
+        results: list[tuple[int, float, float, str]] = []
+        next_index = 0
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < n:
+                messages = turns[next_index % len(turns)]
+                next_index += 1
+                results.append(await streamed(client, {
+                    "model": "bundle", "messages": messages, "stream": True,
+                    "max_tokens": max_tokens}))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    ttft = np.array([r[1] for r in results]) * 1000
+    ms = np.array([r[2] for r in results]) * 1000
+    return {"concurrency": concurrency, "requests": n,
+            "errors": sum(r[0] != 200 for r in results), "req_per_s": n / wall,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "ttft_p50_ms": float(np.percentile(ttft, 50)),
+            "ttft_p99_ms": float(np.percentile(ttft, 99)),
+            "routes": dict(Counter(r[3] for r in results))}
+
+
+def agent_run(args, tmp: Path) -> list[tuple[str, dict]]:
+    """Both decoding paths over the same requests; the server restarts between them."""
+    turns = agent_turns(args.data)
+    levels = [int(c) for c in args.levels.split(",")]
+    counts = [int(n) for n in args.agent_requests.split(",")]
+    out = []
+    paths = [("one request at a time", 1), (f"batched, {args.batch_rows} rows", args.batch_rows)]
+    for label, rows in paths if args.decoding == "both" else paths[args.decoding == "batched":][:1]:
+        proc, base = start_server(args.bundle, args.threads, tmp / f"stderr-{rows}.txt",
+                                  ("--batch-rows", str(rows), "--request-timeout", "1800"))
+        try:
+            asyncio.run(agent_level(base, turns, 1, 2, args.max_tokens))  # warm-up
+            for c, n in zip(levels, counts):
+                result = asyncio.run(agent_level(base, turns, c, n, args.max_tokens))
+                print(f"{label}: {json.dumps(result)}", flush=True)
+                out.append((label, result))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return out
+
+
+def print_agent(bundle: Path, results: list[tuple[str, dict]], args) -> None:
+    print(f"bundle {bundle} (agent, streamed, max_tokens {args.max_tokens}, {os.cpu_count()} "
+          "cores, server and client on the same machine)")
+    print(f"{'decoding':>22} {'conc':>4} {'reqs':>4} {'errors':>6} {'req/s':>6} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'ttft p50':>8} {'ttft p99':>8}  routes")
+    for label, r in results:
+        print(f"{label:>22} {r['concurrency']:>4} {r['requests']:>4} {r['errors']:>6} "
+              f"{r['req_per_s']:>6.2f} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} "
+              f"{r['ttft_p50_ms']:>8.0f} {r['ttft_p99_ms']:>8.0f}  {json.dumps(r['routes'])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", nargs="?", type=Path, default=DEFAULT_BUNDLE)
@@ -98,7 +202,25 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="timed requests per level")
     parser.add_argument("--levels", default="1,8,32", help="client concurrencies")
     parser.add_argument("--threads", type=int, help="the server's parallel requests (--threads)")
+    parser.add_argument("--agent-requests", default="4,16,32",
+                        help="agent bundles: timed requests at each concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=24, help="agent bundles: max_tokens")
+    parser.add_argument("--batch-rows", type=int, default=4,
+                        help="agent bundles: the batched server's --batch-rows")
+    parser.add_argument("--decoding", choices=["both", "single", "batched"], default="both",
+                        help="agent bundles: which decoding paths to run")
     args = parser.parse_args()
+
+    task = json.loads((args.bundle / "policy.json").read_text()).get("task")
+    if task in ("agent", "extract"):
+        if task == "extract":
+            sys.exit("the load run for decoder bundles sends agent turns; give an agent bundle")
+        with tempfile.TemporaryDirectory() as tmp:
+            results = agent_run(args, Path(tmp))
+        print_agent(args.bundle, results, args)
+        if any(r["errors"] for _, r in results):
+            sys.exit(1)
+        return
 
     texts = messages(args.data)
     with tempfile.TemporaryDirectory() as tmp:

@@ -310,6 +310,9 @@ def _json_arg(text: str | bytes, where: str):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0 picks a free one and prints it).")
 @click.option("--threads", type=click.IntRange(1), help="Requests answered in parallel (default: one per core).")
+@click.option("--batch-rows", default=4, show_default=True, type=click.IntRange(1),
+              help="Agent and extract bundles: requests decoded together in one batch; 1 "
+                   "decodes each request on its own, --threads at a time.")
 @click.option("--escalation-log", type=click.Path(dir_okay=False),
               help="Append each teacher-answered request here, as a teacher.logs row.")
 @click.option("--api-key-env", metavar="VAR",
@@ -341,7 +344,8 @@ def _json_arg(text: str | bytes, where: str):
               help="Seconds before a completion gets 504.")
 @click.option("--teacher-timeout", default=10.0, show_default=True, type=click.FloatRange(0.001),
               help="Seconds to wait for the teacher before answering with the student.")
-def serve_cmd(bundle: str, host: str, port: int, threads: int | None, escalation_log: str | None,
+def serve_cmd(bundle: str, host: str, port: int, threads: int | None, batch_rows: int,
+              escalation_log: str | None,
               api_key_env: str | None, teacher_budget_usd: float | None,
               request_log: str | None, log_contents: bool, shadow_rate: float | None,
               shadow_log: str | None, drift_window: int, drift_margin: float,
@@ -365,7 +369,8 @@ def serve_cmd(bundle: str, host: str, port: int, threads: int | None, escalation
                               action=drift_action)
     limits = server.Limits(max_body_bytes, concurrency, request_timeout, teacher_timeout)
     guard = server.Guard(server.api_key_from(api_key_env, os.environ), request_log, log_contents)
-    service = server.build_service(bundle, threads=threads, escalation_log=escalation_log,
+    service = server.build_service(bundle, threads=threads, batch_rows=batch_rows,
+                                   escalation_log=escalation_log,
                                    limits=limits, guard=guard, budget_usd=teacher_budget_usd,
                                    shadow=shadow, shadow_log=shadow_log)
     server.serve(service, host, port)

@@ -199,6 +199,19 @@ def train_tiny_causal(root: Path, train_ids: Sequence[int], steps: int = 100,
     return root
 
 
+def fp32_export(root: Path, exported: Path) -> Path:
+    """The export artifact with its fp32 graph as model.onnx: for tests that compare logits,
+    which dynamic int8 quantization moves with the batch (one activation scale per run)."""
+    import shutil
+
+    root.mkdir(parents=True, exist_ok=True)
+    for item in exported.iterdir():
+        if item.is_file() and item.name != "model.onnx":
+            shutil.copyfile(item, root / item.name)
+    (root / "model.fp32.onnx").rename(root / "model.onnx")
+    return root
+
+
 def write_causal_bundle(root: Path, exported: Path, task: str, teacher: dict,
                         threshold: float = 0.0) -> Path:
     """An agent or extract bundle around the exported tiny decoder: its graph, tokenizer,

@@ -257,14 +257,18 @@ class CausalBundle:
     def predict(self, input: dict) -> dict:
         return self.predict_batch([input])[0]
 
-    def predict_batch(self, inputs: list[dict]) -> list[dict]:
-        """Answer each request in turn (decoding runs batch 1); one invalid input, or one whose
-        prompt cannot fit the decoder's context, rejects the batch before any decoding."""
+    def predict_batch(self, inputs: list[dict], rows: int = 8) -> list[dict]:
+        """Answer the requests, up to `rows` decoded together (Decoder.generate_many: the
+        answers each gets alone); one invalid input, or one whose prompt cannot fit the
+        decoder's context, rejects the batch before any decoding."""
         check_inputs(self.policy, inputs)
         where = "$.messages" if self.policy.task == "agent" else "$"
         prompts = [self.prompt_ids(item, f"$[{i}]{where[1:]}" if len(inputs) > 1 else where)
                    for i, item in enumerate(inputs)]
-        return [self.answer(item, ids) for item, ids in zip(inputs, prompts)]
+        modes = [self.policy.mode(item) for item in inputs]
+        completions = self.decoder.generate_many(prompts, modes, self.policy.max_new_tokens,
+                                                 rows if self.decoder.graph_batches else 1)
+        return [self.result(item, c) for item, c in zip(inputs, completions)]
 
     def prompt_ids(self, input: dict, where: str = "$") -> list[int]:
         """The prompt's token ids; InputError when they leave no room in the context."""
@@ -282,15 +286,37 @@ class CausalBundle:
                              f"{context} tokens, answer included", where)
         return ids
 
-    def answer(self, input: dict, prompt_ids: list[int] | None = None) -> dict:
-        """One validated request through the decoder and the policy."""
+    def answer(self, input: dict, prompt_ids: list[int] | None = None,
+               max_new_tokens: int | None = None) -> dict:
+        """One validated request through the decoder and the policy; `max_new_tokens` (a
+        caller's max_tokens) may lower the policy's limit."""
         ids = self.prompt_ids(input) if prompt_ids is None else prompt_ids
-        completion = self.decoder.generate(ids, self.policy.mode(input), self.policy.max_new_tokens)
+        limit = self.limit(max_new_tokens)
+        return self.result(input, self.decoder.generate(ids, self.policy.mode(input), limit),
+                           limit)
+
+    def begin(self, input: dict, max_new_tokens: int | None = None):
+        """A validated request, prefilled and ready to decode (Decoder.begin): what a server
+        that batches requests as they arrive starts from; `result` routes its completion."""
+        return self.decoder.begin(self.prompt_ids(input), self.policy.mode(input),
+                                  self.limit(max_new_tokens))
+
+    def limit(self, max_new_tokens: int | None) -> int:
+        cap = self.policy.max_new_tokens
+        return cap if max_new_tokens is None else max(1, min(cap, max_new_tokens))
+
+    def result(self, input: dict, completion, limit: int | None = None) -> dict:
+        """The answer to `input` from its completion: output, confidence and route. An answer
+        cut at a limit the caller set below the policy's is what the caller asked for: it is
+        not escalated for being cut (the policy's own limit is: the student ran out)."""
+        capped = limit is not None and limit < self.policy.max_new_tokens
+        cut_by_policy = completion.truncated and not (capped and completion.new_tokens >= limit)
         routed = self.policy.decide(self.policy.trigger_text(input), completion.message,
-                                    completion.confidence, completion.truncated)
+                                    completion.confidence, cut_by_policy)
         return {"output": self.policy.output(completion.message),
                 "confidence": routed.confidence, "route": routed.route, "reason": routed.reason,
-                "tokens": completion.new_tokens, "truncated": completion.truncated}
+                "tokens": completion.new_tokens, "truncated": completion.truncated,
+                "prompt_tokens": completion.prompt_tokens}
 
 
 def load_causal(root: Path, policy_data: dict, manifest: dict,

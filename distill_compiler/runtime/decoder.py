@@ -8,6 +8,11 @@ edge bundle runs it without torch or transformers:
     c = decoder.complete(prompt, Extract(schema))   # JSON valid for the schema, then the END marker
     c = decoder.complete(prompt, Agent(tools))      # free text; every <tool_call> valid for a tool
     c.message, c.confidence, c.truncated
+    decoder.generate_many(prompt_ids, modes)        # the same answers, rows decoded together
+
+Batching (Batch): rows with their own caches, left-padded to the longest and masked, share one
+graph run per step; each keeps its positions and its Guide, and rows join and leave between
+steps. It needs a graph with position_ids and attention_mask inputs (`graph_batches`).
 
 The graph is the single decode graph of `transformers.exporters` (multi-token decode): fed an
 empty cache it is the prefill, then it takes one token per step. `decoder.json`, written by the
@@ -30,7 +35,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +80,7 @@ class Completion:
     truncated: bool = False   # max_new_tokens (or the context) ran out before the END marker
     first_token_seconds: float = 0.0  # prompt in, first token chosen (time to first token)
     cached_prefix: int = 0    # prompt tokens whose KV cache came from warm() instead of a prefill
+    prompt_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -145,6 +151,24 @@ class Graph:
         logits, *cache = self.session.run(self.outputs, feed_)
         return logits[0, -1].astype(np.float32), cache
 
+    def step_rows(self, tokens: Sequence[int], positions: Sequence[int], cache: list[np.ndarray],
+                  pad: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One token per row at its own position, over a cache whose rows start with `pad`
+        masked positions (Batch); the logits (rows, vocab) and the grown cache."""
+        spec, rows = self.spec, len(tokens)
+        feed_ = {spec.input_ids: np.array(tokens, dtype=np.int64)[:, None],
+                 **dict(zip(spec.past_inputs, cache))}
+        if spec.position_ids:
+            feed_[spec.position_ids] = np.array(positions, dtype=np.int64)[:, None]
+        if spec.attention_mask:
+            length = cache[0].shape[2] + 1
+            mask = np.ones((rows, length), dtype=np.int64)
+            for i, p in enumerate(pad):
+                mask[i, :p] = 0
+            feed_[spec.attention_mask] = mask
+        logits, *cache = self.session.run(self.outputs, feed_)
+        return logits[:, -1].astype(np.float32), cache
+
 
 # --------------------------------------------------------------------------- guides
 
@@ -196,6 +220,13 @@ class Decoder:
         self._vocab: Vocabulary | None = None
         self._max_token_chars: int | None = None
         self._constraints: dict[str, JsonConstraint] = {}
+
+    @property
+    def graph_batches(self) -> bool:
+        """Whether rows can share a step (Batch): the graph takes positions and a mask, so
+        padding neither shifts a row's positions nor is attended to, and has step_rows."""
+        return bool(self.spec.position_ids and self.spec.attention_mask
+                    and hasattr(self.graph, "step_rows"))
 
     # -- what constrained decoding needs, built once: classifying the vocabulary is the cost
 
@@ -270,6 +301,39 @@ class Decoder:
 
     def generate(self, prompt_ids: Sequence[int], mode: Extract | Agent | None = None,
                  max_new_tokens: int = 256, constrain: bool = True) -> Completion:
+        row = self.begin(prompt_ids, mode, max_new_tokens, constrain)
+        while not self.advance(row):
+            row.logits, row.cache = self.graph.step([row.tokens[-1]], row.position, row.cache)
+        return self.finish(row)
+
+    def generate_many(self, prompts: Sequence[Sequence[int]], modes: Sequence[Extract | Agent | None],
+                      max_new_tokens: int = 256, rows: int = 8) -> list[Completion]:
+        """generate() for each prompt, up to `rows` of them decoded together (Batch): the
+        same answers, in order, for one pass over the weights per step instead of one per
+        request. A row that finishes leaves and the next prompt joins between steps."""
+        rows = rows if self.graph_batches else 1
+        pending = list(zip(range(len(prompts)), prompts, modes))[::-1]
+        done: dict[int, Completion] = {}
+        batch, index = Batch(self), {}
+        while pending or batch.rows:
+            while pending and len(batch.rows) < rows:
+                i, ids, mode = pending.pop()
+                row = self.begin(ids, mode, max_new_tokens)
+                if self.advance(row):
+                    done[i] = self.finish(row)
+                else:
+                    index[id(row)] = i
+                    batch.join(row)
+            if batch.rows:
+                for row in batch.step():
+                    done[index.pop(id(row))] = self.finish(row)
+        return [done[i] for i in range(len(prompts))]
+
+    # -- one request's decoding, in three parts so a Batch can interleave many of them
+
+    def begin(self, prompt_ids: Sequence[int], mode: Extract | Agent | None = None,
+              max_new_tokens: int = 256, constrain: bool = True) -> Row:
+        """A request after its prefill: the logits of its first token are ready to pick."""
         started = time.perf_counter()
         prompt_ids = list(prompt_ids)
         room = self.spec.context_length - len(prompt_ids)
@@ -278,26 +342,123 @@ class Decoder:
                              f"{self.spec.context_length}")
         guide = self.guide(mode) if constrain else Guide()
         logits, cache, cached = self._prefill(prompt_ids)
-        tokens, logprobs, choices, first = [], [], [], 0.0
-        while len(tokens) < min(max_new_tokens, room):
-            token, logprob, choice = pick(logits, guide)
-            first = first or time.perf_counter() - started
-            tokens.append(token)
-            logprobs.append(logprob)
-            if choice:
-                choices.append(logprob)
-            guide.advance(token)
-            if token in self.spec.stop_token_ids:
-                break
-            logits, cache = self.graph.step([token], len(prompt_ids) + len(tokens) - 1, cache)
+        return Row(prompt_ids, guide, min(max_new_tokens, room), started, cached, logits, cache)
+
+    def advance(self, row: Row) -> bool:
+        """Pick the row's next token from its logits; whether the row is finished (the END
+        marker came, or its token limit)."""
+        token, logprob, choice = pick(row.logits, row.guide)
+        row.first = row.first or time.perf_counter() - row.started
+        row.tokens.append(token)
+        row.logprobs.append(logprob)
+        if choice:
+            row.choices.append(logprob)
+        row.guide.advance(token)
+        return token in self.spec.stop_token_ids or len(row.tokens) >= row.limit
+
+    def finish(self, row: Row) -> Completion:
+        tokens = row.tokens
         finished = bool(tokens) and tokens[-1] in self.spec.stop_token_ids
         body = tokens[:-1] if finished else tokens
         text = self.tokenizer.decode(body, skip_special_tokens=False)
         return Completion(
-            text=text, message=self.chat.parse(text), token_ids=tokens, logprobs=logprobs,
-            confidence=float(np.exp(min(choices))) if choices else 1.0, new_tokens=len(tokens),
-            seconds=time.perf_counter() - started, truncated=not finished,
-            first_token_seconds=first, cached_prefix=cached)
+            text=text, message=self.chat.parse(text), token_ids=tokens, logprobs=row.logprobs,
+            confidence=float(np.exp(min(row.choices))) if row.choices else 1.0,
+            new_tokens=len(tokens), seconds=time.perf_counter() - row.started,
+            truncated=not finished, first_token_seconds=row.first, cached_prefix=row.cached,
+            prompt_tokens=len(row.prompt_ids))
+
+
+@dataclass(eq=False)
+class Row:
+    """One request being decoded: its guide, what it has emitted, and (while it decodes
+    alone) its own cache. Identity, not value, tells rows apart."""
+
+    prompt_ids: list[int]
+    guide: Guide
+    limit: int                # new tokens it may emit
+    started: float
+    cached: int               # prompt tokens that came from a warmed prefix
+    logits: np.ndarray | None  # of the next token, once a step computed them
+    cache: list[np.ndarray] | None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    choices: list[float] = field(default_factory=list)
+    first: float = 0.0
+
+    @property
+    def position(self) -> int:
+        """Where the last emitted token goes: it is fed to the graph there."""
+        return len(self.prompt_ids) + len(self.tokens) - 1
+
+
+class Batch:
+    """Rows decoded together: one graph run per step feeds every row its last token.
+
+    On a CPU a decode step of a small model is bound by reading its weights, which a run of
+    B rows reads once; so B rows cost far less than B runs. Rows have caches of different
+    lengths: they are left-padded to the longest, and the attention mask hides the padding,
+    while each row keeps its own positions, so a row's logits are those it gets alone (up to
+    float rounding). Padding is paid for when a row joins or leaves, never per step.
+    """
+
+    def __init__(self, decoder: Decoder):
+        self.decoder, self.graph = decoder, decoder.graph
+        self.rows: list[Row] = []
+        self.pad: list[int] = []          # padding at the start of each row's cache
+        self.cache: list[np.ndarray] = []  # (rows, heads, length, head_dim) per graph input
+
+    @property
+    def length(self) -> int:
+        return self.cache[0].shape[2] if self.cache else 0
+
+    def join(self, row: Row) -> None:
+        """Add a row that has just picked a token (Decoder.begin, then advance)."""
+        own, length = row.cache, row.cache[0].shape[2]
+        row.cache = None  # the batch holds it from now on
+        if not self.rows:
+            self.rows, self.pad, self.cache = [row], [0], own
+            return
+        grow = max(0, length - self.length)
+        if grow:
+            self.cache = [_left_pad(c, grow) for c in self.cache]
+            self.pad = [p + grow for p in self.pad]
+        extra = self.length - length
+        self.cache = [np.concatenate([c, _left_pad(o, extra)]) for c, o in zip(self.cache, own)]
+        self.rows.append(row)
+        self.pad.append(extra)
+
+    def step(self) -> list[Row]:
+        """Feed each row its last token and pick the next; the rows that finished, which
+        leave the batch."""
+        logits, self.cache = self.graph.step_rows(
+            [r.tokens[-1] for r in self.rows], [r.position for r in self.rows], self.cache,
+            self.pad)
+        finished = []
+        for row, row_logits in zip(self.rows, logits):
+            row.logits = row_logits
+            if self.decoder.advance(row):
+                finished.append(row)
+        if finished:
+            self._leave(finished)
+        return finished
+
+    def _leave(self, gone: list[Row]) -> None:
+        keep = [i for i, r in enumerate(self.rows) if r not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.pad, self.cache = [], []
+            return
+        # Drop the padding no remaining row needs (the longest row that left set it).
+        trim = min(self.pad[i] for i in keep)
+        self.pad = [self.pad[i] - trim for i in keep]
+        self.cache = [c[keep, :, trim:] for c in self.cache]
+
+
+def _left_pad(cache: np.ndarray, n: int) -> np.ndarray:
+    if n == 0:
+        return cache
+    return np.pad(cache, ((0, 0), (0, 0), (n, 0), (0, 0)))
 
 
 def pick(logits: np.ndarray, guide: Guide) -> tuple[int, float, bool]:

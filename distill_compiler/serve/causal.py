@@ -40,8 +40,9 @@ CHOICES = ("auto", "none", "required")
 
 
 class CausalTask:
-    def __init__(self, bundle, wiring: Wiring):
+    def __init__(self, bundle, wiring: Wiring, decoding=None):
         self.bundle, self.wiring, self.policy = bundle, wiring, bundle.policy
+        self.decoding = decoding  # decode_loop.DecodeLoop, or None: one request per thread
         self.tools = {t["name"]: t for t in self.policy.tools}
 
     def describe(self) -> dict:
@@ -62,7 +63,11 @@ class CausalTask:
         except InputError as exc:  # an offered tool or tool_choice the bundle lacks is a 400
             status = 400 if exc.path in ("$.tools", "$.tool_choice") else 422
             raise ApiError(status, str(exc), "input_schema") from None  # runtime/inputs.py
-        result = await self.wiring.student.run(self._predict, input)
+        limit = max_tokens(body)
+        if self.decoding is not None:
+            result = await self.decoding.predict(input, limit)
+        else:
+            result = await self.wiring.student.run(self.bundle.answer, input, None, limit)
         if not any(m.get("role") in ("system", "developer") for m in messages):
             messages = [{"role": "system", "content": self.policy.description}, *messages]
         turn = Turn(input, messages, extra, result, self._student_reply(result))
@@ -116,12 +121,6 @@ class CausalTask:
         return input, {"response_format": schema_format}
 
     # ------------------------------------------------------------------ answers
-
-    def _predict(self, input: dict) -> dict:
-        """The student's answer and the prompt's length (on a worker thread)."""
-        result = self.bundle.predict(input)
-        prompt = len(self.bundle.decoder.encode(self.policy.prompt(input)))
-        return {**result, "prompt_tokens": prompt}
 
     def _student_reply(self, result: dict) -> Reply:
         output = result["output"]
@@ -198,6 +197,19 @@ def runtime_message(m: dict) -> dict:
             raise ApiError(400, "each tool call must be {\"function\": {\"name\", \"arguments\"}}",
                            "invalid_message") from None
     return out
+
+
+def max_tokens(body: dict) -> int | None:
+    """The caller's cap on the answer's tokens (max_completion_tokens, or the older
+    max_tokens); it can lower the bundle's limit, never raise it."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ApiError(400, f"{key} must be a positive integer", key)
+        return value
+    return None
 
 
 def tool_choice(choice: Any) -> Any:

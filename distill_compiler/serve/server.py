@@ -37,10 +37,11 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -61,6 +62,7 @@ from ..runtime.inputs import parse_json
 from . import openai_format, telemetry
 from .causal import CausalTask
 from .classify import ClassifyTask
+from .decode_loop import DecodeLoop
 from .escalation_log import AppendLog
 from .metrics import CHAT_PATH, Metrics, Observed
 from .openai_format import Reply
@@ -93,7 +95,8 @@ class Service:
     def __init__(self, bundle, limits: Limits, teacher: TeacherClient,
                  log: AppendLog | None = None, workers: int = 1, guard: Guard = Guard(),
                  spans: telemetry.Telemetry | None = None,
-                 shadow: ShadowConfig | None = None, shadow_log: AppendLog | None = None):
+                 shadow: ShadowConfig | None = None, shadow_log: AppendLog | None = None,
+                 batch_rows: int = 1):
         self.bundle, self.limits, self.teacher, self.log = bundle, limits, teacher, log
         self.guard = guard
         self.name = bundle.manifest.get("name") or bundle.root.name
@@ -106,7 +109,15 @@ class Service:
         if shadow is not None:
             wiring.shadow = Shadow(shadow, wiring, validation_agreement(bundle.root), shadow_log)
         self.shadow = self.metrics.shadow = wiring.shadow
-        self.task = (ClassifyTask if isinstance(bundle, Bundle) else CausalTask)(bundle, wiring)
+        if isinstance(bundle, Bundle):
+            self.decoding = None
+            self.task = ClassifyTask(bundle, wiring)
+        else:
+            # Batched decoding needs a graph that takes positions and a mask (decoder.json);
+            # else, and with batch_rows 1, each request decodes alone on a worker thread.
+            batches = batch_rows > 1 and bundle.decoder.graph_batches
+            self.decoding = DecodeLoop(bundle, batch_rows) if batches else None
+            self.task = CausalTask(bundle, wiring, self.decoding)
         self._key = guard.api_key.encode() if guard.api_key else None
 
     def authorized(self, header: str | None) -> bool:
@@ -195,7 +206,8 @@ class Service:
                              "teacher_spend_usd": round(budget.spent_usd, 6),
                              "teacher_budget_usd": budget.limit_usd,
                              "drift": self.shadow.drifting if self.shadow else None,
-                             "in_flight": self.metrics.in_flight})
+                             "in_flight": self.metrics.in_flight,
+                             "widest_batch": self.decoding.most_rows if self.decoding else None})
 
     async def prometheus(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(),
@@ -208,6 +220,8 @@ class Service:
     async def stop(self) -> None:
         if self.shadow is not None:
             await self.shadow.stop()
+        if self.decoding is not None:
+            self.decoding.stop()
         self.student.stop()
         for log in (self.log, self.request_log, self.shadow and self.shadow.log):
             if log is not None:
@@ -290,7 +304,7 @@ def create_app(service: Service):
     return Observed(Authorized(app, service), service.metrics)
 
 
-def build_service(bundle_path: str | Path, *, threads: int | None = None,
+def build_service(bundle_path: str | Path, *, threads: int | None = None, batch_rows: int = 4,
                   escalation_log: str | Path | None = None, limits: Limits = Limits(),
                   env: Mapping[str, str] | None = None, guard: Guard = Guard(),
                   budget_usd: float | None = None,
@@ -298,7 +312,8 @@ def build_service(bundle_path: str | Path, *, threads: int | None = None,
                   shadow: ShadowConfig | None = None,
                   shadow_log: str | Path | None = None) -> Service:
     """Load the bundle and wire it to its teacher, logs and telemetry. `threads` requests are
-    answered in parallel (default: one per core), each model call on one core. `spans`
+    answered in parallel (default: one per core), each model call on one core; agent and
+    extract requests are decoded up to `batch_rows` together instead (decode_loop.py). `spans`
     defaults to what the OTEL_EXPORTER_OTLP_* variables ask for."""
     env = os.environ if env is None else env
     workers = threads or os.cpu_count() or 1
@@ -312,7 +327,8 @@ def build_service(bundle_path: str | Path, *, threads: int | None = None,
             print(f"warning: {note}", file=sys.stderr, flush=True)
     log = AppendLog(escalation_log) if escalation_log else None
     mirrored = AppendLog(shadow_log) if shadow_log else None
-    return Service(bundle, limits, teacher, log, workers, guard, spans, shadow, mirrored)
+    return Service(bundle, limits, teacher, log, workers, guard, spans, shadow, mirrored,
+                   batch_rows)
 
 
 def validation_agreement(root: Path) -> float | None:

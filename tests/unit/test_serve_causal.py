@@ -10,7 +10,13 @@ import jsonschema
 import pytest
 from teacher_server import FakeTeacher
 from test_server import KEY_ENV, running
-from tiny_causal import EXTRACT_SCHEMA, TOOLS, causal_spec, write_causal_bundle
+from tiny_causal import (
+    EXTRACT_SCHEMA,
+    TOOLS,
+    causal_spec,
+    fp32_export,
+    write_causal_bundle,
+)
 
 from distill_compiler.teacher.logs import LogReader
 
@@ -248,3 +254,55 @@ def test_mirrored_agent_turns_are_compared_call_by_call(agent_bundle, teacher, t
     [record] = LogReader(causal_spec("agent"), tmp_path).replay((log.name,))
     assert json.loads(record["messages"][-1]["tool_calls"][0]["function"]["arguments"]) == {
         "order_id": "where"}
+
+
+QUESTIONS = ["where is order A15", "hi there", "I want to return order B7, it came broken",
+             "track A3", "what can you do for me today", "order C12 status?", "cancel it",
+             "my parcel A99 never arrived"]
+
+
+@pytest.fixture(scope="module")
+def fp32_agent_bundle(tmp_path_factory, exported_causal, teacher):
+    """The agent bundle with the fp32 graph, whose logits batching leaves as they are (an int8
+    graph's move with the batch: test_batched_decode.py)."""
+    fp32 = fp32_export(tmp_path_factory.mktemp("fp32") / "export", exported_causal)
+    return write_causal_bundle(tmp_path_factory.mktemp("agent-fp32"), fp32, "agent",
+                               teacher_config(teacher))
+
+
+@pytest.mark.parametrize("batch_rows", [4, 1])
+def test_concurrent_requests_get_the_answers_each_gets_alone(fp32_agent_bundle, batch_rows):
+    """Eight requests at once: decoded together in batches of 4 (or one per thread with
+    --batch-rows 1), every one answered, each with what the bundle answers it alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distill_compiler.runtime import load_bundle
+
+    agent_bundle = fp32_agent_bundle
+    bundle = load_bundle(agent_bundle, threads=1)
+    alone = [bundle.predict({"messages": [{"role": "user", "content": q}]}) for q in QUESTIONS]
+    with running(agent_bundle, batch_rows=batch_rows) as c:
+        client = api(c)
+
+        def ask(question):
+            return client.chat.completions.with_raw_response.create(
+                model="tiny-agent", messages=[{"role": "user", "content": question}],
+                tools=OPENAI_TOOLS)
+
+        with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+            raw = list(pool.map(ask, QUESTIONS))
+        _, _, health = c.request("GET", "/health")
+    assert [r.http_response.status_code for r in raw] == [200] * len(QUESTIONS)
+    widest = json.loads(health)["widest_batch"]
+    assert widest is None if batch_rows == 1 else 1 < widest <= batch_rows
+    for expected, response in zip(alone, raw):
+        assert response.headers["x-distill-route"] == expected["route"]
+        if expected["route"] != "student":
+            continue  # the fake teacher answered instead
+        message = response.parse().choices[0].message
+        calls = [{"type": "function", "function": {"name": call.function.name,
+                                                   "arguments": call.function.arguments}}
+                 for call in message.tool_calls or ()]
+        assert calls == (expected["output"].get("tool_calls") or [])
+        assert message.content == expected["output"].get("content")
+    assert any(e["route"] == "student" for e in alone)
