@@ -224,6 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     from distill_compiler import runtime
 
     bundle = runtime.load_bundle(compiled.project.bundle_dir)
+    report = json.loads((compiled.project.bundle_dir / "report.json").read_text())["metrics"]
+    write_results(args.workdir, {"command": command("banking77_oos.py", argv),
+                                 "compile_seconds": compiled.seconds, "stages": compiled.stages(),
+                                 **measure(bundle, report.get("out_of_scope") or {})})
+
+
+def measure(bundle, shipped: dict) -> dict:
+    """Every detector and the no-detector cascade on the dataset's files, through `bundle`'s
+    model; `shipped` is the bundle's own out-of-scope report (metrics.json)."""
     parts = {name: Part.read(name, bundle.classifier) for name in (
         "train.csv", "valid.csv", "test.csv", "id_oos_valid.csv", "id_oos_test.csv",
         "ood_oos_valid.csv")}
@@ -231,7 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     id_valid, id_test, ood = parts["id_oos_valid.csv"], parts["id_oos_test.csv"], parts["ood_oos_valid.csv"]
     traffic = traffic_mix(test, id_test, ood, OOS_SHARE)
     found = candidates(bundle, train, valid, id_valid)
-    chosen = max(found, key=lambda k: found[k]["valid_id_oos_recall"])
     base = bundle.policy.data
     by_detector = {}
     for kind, c in found.items():
@@ -240,18 +248,13 @@ def main(argv: list[str] | None = None) -> None:
                              **{k: v for k, v in c.items() if k != "section"}}
     no_detector = figures(fitted_policy(base, None, valid, TARGET_ACCURACY), test, id_test, ood,
                           traffic)
-    report = json.loads((compiled.project.bundle_dir / "report.json").read_text())["metrics"]
-    shipped = report.get("out_of_scope", {})
-    results = {
-        "command": command("banking77_oos.py", argv),
-        "compile_seconds": compiled.seconds,
-        "stages": compiled.stages(),
+    return {
         "rows": {name: len(p) for name, p in parts.items()},
         "encode_seconds": {name: round(p.seconds, 1) for name, p in parts.items()},
         "target_accuracy": TARGET_ACCURACY, "max_false_out_of_scope": MAX_FALSE_OUT_OF_SCOPE,
         "traffic": {"in_scope": len(test), "out_of_scope": len(traffic) - len(test),
                     "share": OOS_SHARE},
-        "chosen_on_id_oos_valid": chosen,
+        "chosen_on_id_oos_valid": max(found, key=lambda k: found[k]["valid_id_oos_recall"]),
         "by_detector": by_detector,
         "no_detector_max_softmax_cascade": no_detector,
         "bundle_as_compiled": {
@@ -261,7 +264,6 @@ def main(argv: list[str] | None = None) -> None:
             "score_ms_per_request": shipped.get("score_ms_per_request"),
             "expected": shipped.get("expected")},
     }
-    write_results(args.workdir, results)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def threshold_at(in_scope_scores: np.ndarray, max_false: float) -> float:
     s = np.sort(np.asarray(in_scope_scores, dtype=np.float64))
     if len(s) == 0:
         return math.inf
-    allowed = int(math.floor(max_false * len(s) + 1e-9))
+    allowed = math.floor(max_false * len(s) + 1e-9)
     return float(s[len(s) - allowed - 1]) if allowed < len(s) else float(s[0]) - 1.0
 
 

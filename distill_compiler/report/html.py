@@ -460,11 +460,11 @@ def out_of_scope_section(ood: dict, target: float) -> str:
               if p["accepted_accuracy"] is not None]
     val, test = ood["val"]["in_scope"] or {}, ood["test"]
     facts = [f"detector: {esc(ood['detector'] or 'none')} ({esc(ood['why'])})",
-             f"false out-of-scope rate: {pct(val.get('out_of_scope'))} on in-scope validation, "
-             f"{pct(test['false_rate'])} on test (allowed {ood['max_false_out_of_scope']:.1%})",
+             (f"false out-of-scope rate: {pct(val.get('out_of_scope'))} on in-scope validation, "
+              f"{pct(test['false_rate'])} on test (allowed {ood['max_false_out_of_scope']:.1%})"),
              f"out-of-scope recall on test: {pct(test['recall'])}; AUROC {num(test['auroc'])}",
-             f"policy.json size of the detector: {ood['policy_bytes'] / 1e3:.1f} kB; "
-             f"cost {num(ood['score_ms_per_request'])} ms per request"]
+             (f"policy.json size of the detector: {ood['policy_bytes'] / 1e3:.1f} kB; "
+              f"cost {num(ood['score_ms_per_request'])} ms per request")]
     if ood.get("expected"):
         e = ood["expected"]
         facts.append(f"at the expected out-of-scope share {e['share']:.0%}: accepted accuracy "

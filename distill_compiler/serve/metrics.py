@@ -105,7 +105,7 @@ class OutOfScopeEstimate:
         self.out_of_scope = measured if self.recall_known else ood.worst_case_out_of_scope()
 
     @classmethod
-    def of(cls, policy_data: dict) -> "OutOfScopeEstimate | None":
+    def of(cls, policy_data: dict) -> OutOfScopeEstimate | None:
         validation = (policy_data.get("out_of_scope") or {}).get("validation") or {}
         if validation.get("false_rate") is None or not validation.get("in_scope"):
             return None
@@ -126,19 +126,22 @@ class OutOfScopeEstimate:
         rate, share, accuracy = self.estimate(routes)
         basis = "validated" if self.recall_known else "assumed_1"
         out = []
-        for name, help, value, labels in (
-                ("distill_out_of_scope_rate", "Share of answered completions routed out_of_scope "
-                 "(r).", rate, ""),
-                ("distill_out_of_scope_false_rate", "The detector's false out-of-scope rate on "
-                 "in-scope validation queries (alpha).", self.false_rate, ""),
-                ("distill_out_of_scope_recall", "The detector's out-of-scope recall on validation "
-                 "(R; 1 when the logs held no out-of-scope queries).", self.recall,
-                 f'{{recall="{basis}"}}'),
-                ("distill_out_of_scope_share_estimate", "Estimated out-of-scope share of live "
-                 "traffic, (r - alpha) / (R - alpha); a lower bound when recall is assumed.",
-                 share, f'{{recall="{basis}"}}'),
-                ("distill_accepted_accuracy_estimate", "Accepted accuracy the cascade has at the "
-                 "estimated out-of-scope share.", accuracy, f'{{recall="{basis}"}}')):
+        gauges = (
+            ("distill_out_of_scope_rate",
+             "Share of answered completions routed out_of_scope (r).", rate, ""),
+            ("distill_out_of_scope_false_rate",
+             "The detector's false out-of-scope rate on in-scope validation queries (alpha).",
+             self.false_rate, ""),
+            ("distill_out_of_scope_recall",
+             ("The detector's out-of-scope recall on validation (R; 1 when the logs held no "
+              "out-of-scope queries)."), self.recall, f'{{recall="{basis}"}}'),
+            ("distill_out_of_scope_share_estimate",
+             ("Estimated out-of-scope share of live traffic, (r - alpha) / (R - alpha); a lower "
+              "bound when recall is assumed."), share, f'{{recall="{basis}"}}'),
+            ("distill_accepted_accuracy_estimate",
+             "Accepted accuracy the cascade has at the estimated out-of-scope share.", accuracy,
+             f'{{recall="{basis}"}}'))
+        for name, help, value, labels in gauges:
             if value is None:
                 continue
             out += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name}{labels} {value:.6g}"]

@@ -152,7 +152,7 @@ def test_metrics_export_the_estimated_share_and_the_accuracy_it_implies():
 def test_without_a_validated_recall_the_share_is_a_lower_bound():
     estimate = OutOfScopeEstimate({"false_rate": 0.02, "recall": None, "in_scope": IN,
                                    "out_of_scope": None})
-    rate, share, accuracy = estimate.estimate(Counter({"student": 80, "out_of_scope": 20}))
+    _, share, _ = estimate.estimate(Counter({"student": 80, "out_of_scope": 20}))
     assert share == pytest.approx((0.2 - 0.02) / 0.98)
     assert 'recall="assumed_1"' in "\n".join(estimate.render(Counter({"student": 1})))
     assert OutOfScopeEstimate.of({"out_of_scope": {"validation": {}}}) is None

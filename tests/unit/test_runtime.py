@@ -18,7 +18,6 @@ from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from distill_compiler.runtime import load_bundle
-from distill_compiler.runtime.ood import pack
 from distill_compiler.runtime.classifier import OnnxClassifier
 from distill_compiler.runtime.format import (
     BundleError,
@@ -27,6 +26,7 @@ from distill_compiler.runtime.format import (
     sha256_file,
     text_field_of,
 )
+from distill_compiler.runtime.ood import pack
 
 LABELS = ["billing", "password_reset", "technical_bug", "legal_advice", "out_of_scope"]
 # Word -> the label it votes for (logit 6); unlisted words vote for nothing (all zeros).
