@@ -230,7 +230,7 @@ class Policy:
 
     def scores(self, logits: np.ndarray, embeddings: np.ndarray | None) -> list[float | None]:
         """Each request's out-of-distribution score (None for all without a detector)."""
-        if self.detector is None:
+        if self.detector is None or len(logits) == 0:
             return [None] * len(logits)
         return [float(x) for x in self.detector.score(logits, embeddings)]
 
