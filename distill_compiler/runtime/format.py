@@ -32,8 +32,10 @@ CLASSIFY_FILES = (MODEL_FILE, TOKENIZER_FILE, POLICY_FILE, REPORT_FILE, CARD_FIL
 DECODER_FILES = (CHAT_FILE, DECODER_FILE)
 DECODER_TASKS = ("extract", "agent")
 # The classifier graph's outputs: logits, and (from classify policy format 2) the pooled sentence
-# embedding the head reads, which the out-of-scope detector scores.
-LOGITS_OUTPUT, EMBEDDING_OUTPUT = "logits", "embedding"
+# embedding the head reads, which the out-of-scope detector scores. Not plain `embedding`: the
+# torch exporter already names the token-embedding lookup's value that, and a graph output of the
+# same name makes an invalid model.
+LOGITS_OUTPUT, EMBEDDING_OUTPUT = "logits", "pooled_embedding"
 
 
 def bundle_files(task: str) -> tuple[str, ...]:

@@ -39,7 +39,7 @@ NEUTRAL = ["i", "my", "the", "was", "me", "help", "please", "sue", "hmm", "and",
 def bag_classifier(out: Path, labels=LABELS, votes=VOTES, neutral=NEUTRAL,
                    embedding: bool = False) -> Path:
     """Write model.onnx (int64 input_ids/attention_mask -> logits) and tokenizer.json to `out`.
-    With `embedding`, the graph also outputs `embedding`: the same mean vector, as the exported
+    With `embedding`, the graph also outputs `pooled_embedding`: the same mean vector, as the exported
     student outputs the pooled vector its head reads."""
     out.mkdir(parents=True, exist_ok=True)
     vocab = {"[PAD]": 0, "[UNK]": 1}
@@ -63,8 +63,8 @@ def bag_classifier(out: Path, labels=LABELS, votes=VOTES, neutral=NEUTRAL,
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(labels)])]
     if embedding:
-        nodes.append(helper.make_node("Identity", ["logits"], ["embedding"]))
-        outputs.append(helper.make_tensor_value_info("embedding", TensorProto.FLOAT,
+        nodes.append(helper.make_node("Identity", ["logits"], ["pooled_embedding"]))
+        outputs.append(helper.make_tensor_value_info("pooled_embedding", TensorProto.FLOAT,
                                                      ["batch", len(labels)]))
     graph = helper.make_graph(
         nodes, "bag",

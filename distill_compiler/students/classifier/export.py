@@ -2,7 +2,7 @@
 
 The graph is the student module itself (`students.PooledClassifier`: encoder, masked mean,
 head) through `torch.onnx.export(dynamo=True)`, with dynamic batch and sequence axes and two
-outputs: `logits`, and `embedding`, the pooled vector the head reads, which the runtime's
+outputs: `logits`, and `pooled_embedding`, the vector the head reads, which the runtime's
 out-of-scope detector scores (runtime/ood.py). Parity is measured the way the model ships: the runtime's own
 `OnnxClassifier` (tokenizers + onnxruntime) on the validation split, against the torch model
 on the same texts.
