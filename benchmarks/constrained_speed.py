@@ -33,7 +33,7 @@ from harness import ROOT, WORK, command, write_results
 
 sys.path.insert(0, str(ROOT / "tests"))  # the scratch fixture's builders
 
-SUPPORT_AGENT = ROOT.parent / "main" / "examples" / "support-agent" / "build" / "support-agent" / "bundle"
+SUPPORT_AGENT = ROOT / "examples" / "support-agent" / "build" / "support-agent" / "bundle"
 USERS = ("where is my order HB-20417?", "please cancel HB-55102, I changed my mind",
          "my parcel HB-31877 arrived damaged, I want to return it",
          "change the address of HB-62004 to 4 Quay Street, Leith, EH6 6LX",
