@@ -28,23 +28,41 @@ TRAINING = ("data:\n  near_duplicate_threshold: 1.0\n"
 EXTRACT_TRAINING = TRAINING.replace("learning_rate: 0.01", "learning_rate: 0.003")
 
 
-def log_line(messages: list[dict]) -> str:
+def log_line(messages: list[dict], tools=TOOLS) -> str:
     *request, response = messages
     return json.dumps({"request": {"messages": request,
-                                   "tools": [{"type": "function", "function": t} for t in TOOLS]},
+                                   "tools": [{"type": "function", "function": t} for t in tools]},
                        "response": {"choices": [{"message": response}]}})
 
 
-def agent_spec(root: Path) -> Path:
+# The fixture's tools as users paste real ones: a $ref into $defs, a pattern, a format, bounds
+# inside an anyOf. Every keyword is enforced by the constraint (llguidance), none refused.
+RICH_TOOLS = (
+    {"name": "get_order", "description": "Look up an order by id.", "parameters": {
+        "type": "object", "$defs": {"id": {"type": "string", "pattern": "^A[0-9]{2}$"}},
+        "properties": {"order_id": {"$ref": "#/$defs/id"}}, "required": ["order_id"]}},
+    {"name": "cancel_order", "description": "Cancel an order.", "parameters": {
+        "type": "object", "properties": {
+            "order_id": {"type": "string", "pattern": "^A[0-9]{2}$"},
+            "reason": {"enum": ["changed_mind", "too_late", "other"]},
+            "when": {"type": "string", "format": "date"},
+            "refund": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 500},
+                                 {"const": "full"}]}},
+        "required": ["order_id", "reason"]}},
+)
+
+
+def agent_spec(root: Path, tools=TOOLS, name: str = "tiny-agent") -> Path:
     # One log line per assistant turn, as production logs hold them.
     lines = []
     for i in range(60):
         trace = agent_trace(i)
-        lines += [log_line(trace[:k + 1]) for k, m in enumerate(trace) if m["role"] == "assistant"]
+        lines += [log_line(trace[:k + 1], tools) for k, m in enumerate(trace)
+                  if m["role"] == "assistant"]
     (root / "log.jsonl").write_text("\n".join(lines) + "\n")
-    tools = "".join(f"  - {json.dumps(t)}\n" for t in TOOLS)
+    tools = "".join(f"  - {json.dumps(t)}\n" for t in tools)
     (root / "spec.yaml").write_text(
-        "name: tiny-agent\ntask: agent\ndescription: Fixture shop assistant.\n"
+        f"name: {name}\ntask: agent\ndescription: Fixture shop assistant.\n"
         f"tools:\n{tools}"
         "escalation:\n  triggers: [{pattern: '(?i)lawyer'}]\n  target_accuracy: 0.9\n"
         "teacher:\n  logs: [log.jsonl]\n" + TRAINING
@@ -77,6 +95,24 @@ def agent_build(tmp_path_factory):
 @pytest.fixture(scope="module")
 def extract_build(tmp_path_factory):
     return compiled(tmp_path_factory.mktemp("extract"), extract_spec)
+
+
+def test_tools_with_ref_pattern_format_and_bounds_compile_and_every_call_validates(tmp_path):
+    from distill_compiler import runtime
+
+    build = compiled(tmp_path, lambda root: agent_spec(root, RICH_TOOLS, "rich-agent"))
+    bundle = runtime.load_bundle(build / "bundle")
+    schemas = {t["name"]: t["parameters"] for t in RICH_TOOLS}
+    calls = 0
+    for text in ("where is order A15", "please cancel order A22", "cancel A31 today",
+                 "where is my parcel A10?", "hello"):
+        answer = bundle.predict({"messages": [{"role": "user", "content": text}]})
+        for call in answer["output"].get("tool_calls") or ():
+            jsonschema.validate(json.loads(call["function"]["arguments"]),
+                                schemas[call["function"]["name"]],
+                                format_checker=jsonschema.FormatChecker())
+            calls += 1
+    assert calls >= 1
 
 
 def test_agent_bundle_calls_tools_with_valid_arguments(agent_build):
