@@ -21,6 +21,21 @@ TOOLS = (
                                    "reason": {"enum": ["changed_mind", "too_late", "other"]}},
                     "required": ["order_id", "reason"]}},
 )
+# The fixture's tools as users paste real ones: a $ref into $defs, a pattern, a format, bounds
+# inside an anyOf. Every keyword is enforced by the constraint (llguidance), none refused.
+RICH_TOOLS = (
+    {"name": "get_order", "description": "Look up an order by id.", "parameters": {
+        "type": "object", "$defs": {"id": {"type": "string", "pattern": "^A[0-9]{2}$"}},
+        "properties": {"order_id": {"$ref": "#/$defs/id"}}, "required": ["order_id"]}},
+    {"name": "cancel_order", "description": "Cancel an order.", "parameters": {
+        "type": "object", "properties": {
+            "order_id": {"type": "string", "pattern": "^A[0-9]{2}$"},
+            "reason": {"enum": ["changed_mind", "too_late", "other"]},
+            "when": {"type": "string", "format": "date"},
+            "refund": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 500},
+                                 {"const": "full"}]}},
+        "required": ["order_id", "reason"]}},
+)
 EXTRACT_SCHEMA = {"type": "object",
                   "properties": {"order_id": {"type": "string"},
                                  "issue": {"enum": ["late", "damaged", "other"]},

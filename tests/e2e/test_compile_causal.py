@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from cli_runner import cli
-from tiny_causal import EXTRACT_SCHEMA, TOOLS, agent_trace, extraction
+from tiny_causal import EXTRACT_SCHEMA, RICH_TOOLS, TOOLS, agent_trace, extraction
 
 pytestmark = pytest.mark.e2e
 
@@ -33,23 +33,6 @@ def log_line(messages: list[dict], tools=TOOLS) -> str:
     return json.dumps({"request": {"messages": request,
                                    "tools": [{"type": "function", "function": t} for t in tools]},
                        "response": {"choices": [{"message": response}]}})
-
-
-# The fixture's tools as users paste real ones: a $ref into $defs, a pattern, a format, bounds
-# inside an anyOf. Every keyword is enforced by the constraint (llguidance), none refused.
-RICH_TOOLS = (
-    {"name": "get_order", "description": "Look up an order by id.", "parameters": {
-        "type": "object", "$defs": {"id": {"type": "string", "pattern": "^A[0-9]{2}$"}},
-        "properties": {"order_id": {"$ref": "#/$defs/id"}}, "required": ["order_id"]}},
-    {"name": "cancel_order", "description": "Cancel an order.", "parameters": {
-        "type": "object", "properties": {
-            "order_id": {"type": "string", "pattern": "^A[0-9]{2}$"},
-            "reason": {"enum": ["changed_mind", "too_late", "other"]},
-            "when": {"type": "string", "format": "date"},
-            "refund": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 500},
-                                 {"const": "full"}]}},
-        "required": ["order_id", "reason"]}},
-)
 
 
 def agent_spec(root: Path, tools=TOOLS, name: str = "tiny-agent") -> Path:

@@ -7,7 +7,14 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
-from tiny_causal import EXTRACT_SCHEMA, TOOLS, agent_record, causal_spec, extract_record
+from tiny_causal import (
+    EXTRACT_SCHEMA,
+    RICH_TOOLS,
+    TOOLS,
+    agent_record,
+    causal_spec,
+    extract_record,
+)
 
 from distill_compiler.runtime import decoder as generation
 from distill_compiler.runtime.chat_format import CALL_OPEN, ChatFormat
@@ -76,18 +83,6 @@ def test_agent_calls_validate_against_their_tool(which, request):
 
 
 # Real tool schemas: the keywords users paste (pattern, format, bounds, $ref) on the fixture tools.
-RICH_TOOLS = [
-    {"name": "get_order", "parameters": {
-        "type": "object", "$defs": {"id": {"type": "string", "pattern": "^A[0-9]{2}$"}},
-        "properties": {"order_id": {"$ref": "#/$defs/id"}}, "required": ["order_id"]}},
-    {"name": "cancel_order", "parameters": {
-        "type": "object", "properties": {
-            "order_id": {"type": "string", "pattern": "^A[0-9]{2}$"},
-            "reason": {"enum": ["changed_mind", "too_late", "other"]},
-            "when": {"type": "string", "format": "date"},
-            "refund": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 500},
-                                 {"const": "full"}]}},
-        "required": ["order_id", "reason"]}}]
 RICH_EXTRACT = {"type": "object", "properties": {
     "order_id": {"type": "string", "pattern": "^A[0-9]{2}$"},
     "issue": {"oneOf": [{"const": "late"}, {"const": "damaged"}, {"const": "other"}]},
