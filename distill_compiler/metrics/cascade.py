@@ -6,7 +6,10 @@ a refusal whatever the confidence. The threshold decides only the rest ("gated" 
 Fitting picks the lowest threshold at which everything the student answers (gated traffic
 above the threshold, plus refusals) agrees with the teacher at least `target_accuracy` of the
 time. Candidate thresholds are the observed validation confidences, so the fitted threshold is
-the confidence of the least confident validation example it still accepts.
+the confidence of the least confident validation example it still accepts. An `out_of_scope`
+answer (the detector flagged the request) is, like a refusal, given whatever the confidence:
+on in-scope validation traffic it counts against the target, so the threshold makes room for
+the detector's false rate.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ ESCALATE_ALL = math.nextafter(1.0, 2.0)
 # Decision rules that escalate whatever the confidence: runtime's trigger and always-escalate,
 # runtime.causal's output cut short by max_new_tokens.
 FORCED_RULES = ("trigger", "always", "truncated")
+# Rules the student answers whatever the confidence: a refusal's fixed response, `out_of_scope`.
+ANSWERED_RULES = ("refusal", "out_of_scope")
 CURVE_STEPS = 50
 
 
@@ -44,21 +49,21 @@ class ThresholdFit:
 
 def accepted(confidence: np.ndarray, rules: np.ndarray, threshold: float) -> np.ndarray:
     """Which requests the student answers at `threshold`: refusals plus confident gated ones."""
-    return (rules == "refusal") | (~np.isin(rules, FORCED_RULES + ("refusal",))
-                                   & (confidence >= threshold))
+    return np.isin(rules, ANSWERED_RULES) | (~np.isin(rules, FORCED_RULES + ANSWERED_RULES)
+                                             & (confidence >= threshold))
 
 
 def fit_threshold(confidence, correct, rules, target_accuracy: float) -> ThresholdFit:
     """The lowest threshold whose accepted validation traffic reaches `target_accuracy`.
 
-    `rules` is each example's runtime rule before any threshold (trigger, always, refusal or
-    confident); `correct` says whether the student's label equals the teacher's.
+    `rules` is each example's runtime rule before any threshold (trigger, always, refusal,
+    out_of_scope or confident); `correct` says whether the student's label equals the teacher's.
     """
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     rules = np.asarray(rules, dtype=object)
-    refusal = rules == "refusal"
-    gated = ~np.isin(rules, FORCED_RULES + ("refusal",))
+    refusal = np.isin(rules, ANSWERED_RULES)
+    gated = ~np.isin(rules, FORCED_RULES + ANSWERED_RULES)
     non_forced = int(refusal.sum() + gated.sum())
     if not gated.any():
         return ThresholdFit(ESCALATE_ALL, False, None, None)

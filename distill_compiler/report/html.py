@@ -64,6 +64,9 @@ def classify_sections(report: dict) -> list[str]:
             section("data", "Data funnel", funnel_chart(report["generate"], report["curate"]))),
         section("cost", "Teacher traffic and cost", cost_section(report["generate"],
                                                                  cascade["test"])),
+        *([section("out-of-scope", "Out of scope: accepted accuracy against the out-of-scope share",
+                   out_of_scope_section(metrics["out_of_scope"], cascade["target_accuracy"]))]
+          if metrics.get("out_of_scope") else []),
     ]
 
 
@@ -448,6 +451,44 @@ def coverage_chart(cascade: dict, forced: str = CLASSIFY_FORCED) -> str:
     chart = svg("coverage", frame.width, frame.height, "coverage–accuracy curve", body)
     return chart + note(f"{cascade['explanation']}. The curve ignores {forced}, which go to "
                         "the teacher at any threshold.")
+
+
+def out_of_scope_section(ood: dict, target: float) -> str:
+    """The detector's figures, and the cascade's accepted accuracy as live traffic brings more
+    out-of-scope queries than validation held."""
+    points = [(p["share"], p["accepted_accuracy"]) for p in ood["curve"]
+              if p["accepted_accuracy"] is not None]
+    val, test = ood["val"]["in_scope"] or {}, ood["test"]
+    facts = [f"detector: {esc(ood['detector'] or 'none')} ({esc(ood['why'])})",
+             (f"false out-of-scope rate: {pct(val.get('out_of_scope'))} on in-scope validation, "
+              f"{pct(test['false_rate'])} on test (allowed {ood['max_false_out_of_scope']:.1%})"),
+             f"out-of-scope recall on test: {pct(test['recall'])}; AUROC {num(test['auroc'])}",
+             (f"policy.json size of the detector: {ood['policy_bytes'] / 1e3:.1f} kB; "
+              f"cost {num(ood['score_ms_per_request'])} ms per request")]
+    if ood.get("expected"):
+        e = ood["expected"]
+        facts.append(f"at the expected out-of-scope share {e['share']:.0%}: accepted accuracy "
+                     f"{pct(e['accepted_accuracy'])}, escalation {pct(e['escalation_rate'])}, "
+                     f"cascade cost per 1k requests {num(e['cascade_usd_per_1k'])} USD")
+    listing = "<ul>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>"
+    if not points:
+        return listing
+    floor = min([a for _, a in points] + [target])
+    y_lo = max(0.0, int(floor * 10 - 0.5) / 10)
+    x_hi = max(s for s, _ in points) or 1.0
+    frame = Frame(540, 300, x_range=(0.0, x_hi), y_range=(y_lo, 1.0), left=52)
+    body = frame.axes(ticks(0, x_hi), ticks(y_lo, 1.0, 4), "out-of-scope share of traffic",
+                      "accepted accuracy", percent, percent)
+    body.append(line(frame.x(0), frame.y(target), frame.x(x_hi), frame.y(target), class_="target"))
+    body.append(text(frame.x(0) + 4, frame.y(target) - 5, f"target {target:.0%}", fill=rgb(GREEN)))
+    body.append(polyline([(frame.x(s), frame.y(a)) for s, a in points], class_="curve"))
+    chart = svg("out-of-scope", frame.width, frame.height, "accepted accuracy against the "
+                "out-of-scope share", body)
+    basis = ("measured on the out-of-scope validation queries" if ood["projection_basis"] == "measured"
+             else "worst case: the logs held no out-of-scope queries, so every one the detector "
+                  "misses is counted as a wrong answer")
+    return listing + chart + note(f"Out-of-scope outcomes {basis}; in-scope outcomes measured on "
+                                  "validation with the shipped policy.")
 
 
 def latency_chart(latency: dict) -> str:

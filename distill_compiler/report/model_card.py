@@ -149,7 +149,28 @@ def cascade_section(metrics: dict, policy: dict) -> str:
         f"- Latency at batch 1 (tokenizer + model, CPU): p50 {num(latency['p50_ms'], 2)} ms, "
         f"p99 {num(latency['p99_ms'], 2)} ms.\n"
         f"- Triggers: {', '.join('`' + t['pattern'] + '`' for t in policy['triggers']) or 'none'}; "
-        f"always escalated: {', '.join(policy['always_escalate']) or 'none'}.")
+        f"always escalated: {', '.join(policy['always_escalate']) or 'none'}."
+        + out_of_scope_lines(metrics.get("out_of_scope")))
+
+
+def out_of_scope_lines(ood: dict | None) -> str:
+    """The detector, and what the cascade does at the out-of-scope share the spec expects."""
+    if not ood or not ood.get("detector"):
+        return ""
+    test = ood["test"]
+    lines = (f"\n- Out of scope: the {ood['detector']} detector ({ood['why']}) answers "
+             f"`{OUT_OF_SCOPE}` above score {num(ood['threshold'], 4)}; on test it flags "
+             f"{pct(test['false_rate'])} of in-scope queries"
+             + (f" and {pct(test['recall'])} of out-of-scope ones" if test["recall"] is not None
+                else "") + ".")
+    expected = ood.get("expected")
+    if expected:
+        basis = ("measured" if ood["projection_basis"] == "measured" else
+                 "worst case, as the logs held no out-of-scope queries")
+        lines += (f"\n- At {pct(expected['share'])} out-of-scope traffic ({basis}): accepted "
+                  f"accuracy {pct(expected['accepted_accuracy'])}, escalation "
+                  f"{pct(expected['escalation_rate'])}.")
+    return lines
 
 
 def limitations(spec, policy: dict, metrics: dict) -> str:

@@ -7,6 +7,7 @@ library, and nothing else of distill_compiler, so a service ships it with the bu
 
     format        file names, format numbers, manifest, policy shape, text field, errors
     classifier    ONNX encoder classifier and its routing policy (task classify)
+    ood           out-of-distribution scores of the classifier's embedding and logits
     causal        decoder student and its policy (tasks extract and agent)
     decoder       greedy KV-cache decoding with schema-constrained masks
     constrained   the token mask of a schema or tool set (llguidance); enforceable: which

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POLICY_FORMAT = 1
+# A classify policy of format 2 may carry an out-of-scope detector (`out_of_scope`, below); an
+# older runtime must refuse it rather than answer out-of-scope traffic without the detector.
+# Format 1 classify bundles (no detector) still load.
+CLASSIFY_POLICY_FORMAT = 2
+CLASSIFY_POLICY_FORMATS = (1, 2)
 MANIFEST_FORMAT = 1
 MODEL_FILE, TOKENIZER_FILE, POLICY_FILE, MANIFEST_FILE = (
     "model.onnx", "tokenizer.json", "policy.json", "manifest.json")
@@ -26,6 +31,11 @@ REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE, POLICY_FILE)
 CLASSIFY_FILES = (MODEL_FILE, TOKENIZER_FILE, POLICY_FILE, REPORT_FILE, CARD_FILE, HTML_FILE)
 DECODER_FILES = (CHAT_FILE, DECODER_FILE)
 DECODER_TASKS = ("extract", "agent")
+# The classifier graph's outputs: logits, and (from classify policy format 2) the pooled sentence
+# embedding the head reads, which the out-of-scope detector scores. Not plain `embedding`: the
+# torch exporter already names the token-embedding lookup's value that, and a graph output of the
+# same name makes an invalid model.
+LOGITS_OUTPUT, EMBEDDING_OUTPUT = "logits", "pooled_embedding"
 
 
 def bundle_files(task: str) -> tuple[str, ...]:
@@ -87,6 +97,51 @@ def read_triggers(data: dict) -> tuple[Trigger, ...]:
     """policy.json's trigger patterns, compiled (re.error on a bad pattern)."""
     return tuple(Trigger(re.compile(t["pattern"]), t.get("reason") or t["pattern"])
                  for t in data.get("triggers", ()))
+
+
+# --------------------------------------------------------------------------- out of scope
+
+# What a classify policy's `out_of_scope` object holds. `kind` names the score (runtime/ood.py
+# computes each); a request whose score is above `threshold` is answered `out_of_scope`.
+# `params` holds the kind's arrays, each packed as {"dtype", "shape", "base64"} (little-endian),
+# and `validation` the figures measured on validation when the threshold was fitted:
+#   false_rate   share of in-scope queries flagged (the α the threshold was fitted to)
+#   recall       share of out-of-scope queries flagged (null: the logs held none)
+#   in_scope / out_of_scope   share of each population per outcome, for projecting the cascade
+#                to another out-of-scope share (null out_of_scope: none to measure)
+OOD_KINDS = ("mahalanobis", "knn", "energy", "max_prob")
+OOD_PARAMS = {"mahalanobis": ("projection", "means"), "knn": ("prototypes",),
+              "energy": (), "max_prob": ()}
+OOD_OUTCOMES = ("student_right", "student_wrong", "out_of_scope", "teacher")
+
+
+@dataclass(frozen=True)
+class OutOfScope:
+    kind: str
+    threshold: float
+    params: dict
+    validation: dict
+
+
+def out_of_scope_fields(kind: str, threshold: float, params: dict, validation: dict) -> dict:
+    """policy.json's `out_of_scope` object, as `read_out_of_scope` reads it back."""
+    return {"kind": kind, "threshold": threshold, "params": params, "validation": validation}
+
+
+def read_out_of_scope(data: dict) -> OutOfScope | None:
+    """The detector a classify policy carries, or None (format 1 policies carry none).
+    ValueError/KeyError/TypeError when it is malformed."""
+    section = data.get("out_of_scope")
+    if section is None:
+        return None
+    kind = section["kind"]
+    if kind not in OOD_KINDS:
+        raise ValueError(f"out_of_scope.kind {kind!r} is not one of {', '.join(OOD_KINDS)}")
+    params = dict(section.get("params") or {})
+    missing = [name for name in OOD_PARAMS[kind] if name not in params]
+    if missing:
+        raise KeyError(f"out_of_scope.params lacks {', '.join(missing)}")
+    return OutOfScope(kind, float(section["threshold"]), params, dict(section.get("validation") or {}))
 
 
 def write_policy(path: Path, policy: dict) -> None:

@@ -1,5 +1,6 @@
 """Chat completions over a classify bundle: the last user message is the input, the answer is
-a label, a refusal's fixed response, or the teacher's answer.
+a label, a refusal's fixed response, `out_of_scope` (the bundle's detector flagged the request:
+answered without the teacher), or the teacher's answer.
 
 On the teacher route, `distill.label` is the teacher's answer mapped onto the bundle's labels
 (null when it names none) beside `student_label`. When the request has no system message, a
@@ -12,6 +13,7 @@ from __future__ import annotations
 from ..runtime.format import InputError
 from ..teacher.labels import label_of
 from .escalation_log import classify_row
+from .metrics import OutOfScopeEstimate
 from .openai_format import Reply
 from .request import ApiError, bundle_input, messages_of
 from .student import Turn, Wiring
@@ -21,6 +23,7 @@ from .teacher import TeacherUnavailable
 class ClassifyTask:
     def __init__(self, bundle, wiring: Wiring):
         self.bundle, self.wiring = bundle, wiring
+        wiring.metrics.out_of_scope = OutOfScopeEstimate.of(bundle.policy.data)
 
     def describe(self) -> dict:
         return {"task": "classify", "labels": self.bundle.labels}
@@ -35,6 +38,8 @@ class ClassifyTask:
         result = await self.wiring.student.predict(input)
         info = {"route": result["route"], "reason": result["reason"], "label": result["label"],
                 "confidence": round(result["confidence"], 4)}
+        if "out_of_scope_score" in result:
+            info["out_of_scope_score"] = round(result["out_of_scope_score"], 4)
         content = result["output"].get("response") or result["label"]
         if not any(m.get("role") == "system" for m in messages):
             messages = [labelling_prompt(self.bundle.labels), *messages]

@@ -1,12 +1,15 @@
 """What `GET /metrics` shows, in the Prometheus text format: requests by path and status,
-completions by route, a latency histogram, in-flight completions, escalation log lines, and what
-the teacher has cost against its budget."""
+completions by route, a latency histogram, in-flight completions, escalation log lines, what
+the teacher has cost against its budget, and for a classify bundle with an out-of-scope detector
+the live out-of-scope share it implies and the accepted accuracy at that share."""
 
 from __future__ import annotations
 
 import bisect
 import time
 from collections import Counter
+
+from ..metrics import ood
 
 CHAT_PATH = "/v1/chat/completions"
 PATHS = (CHAT_PATH, "/v1/models", "/health", "/metrics")
@@ -25,6 +28,7 @@ class Metrics:
         self.escalation_lines = 0
         self.budget = None  # the teacher's Budget, set by the service
         self.shadow = None  # the Shadow, when --shadow-rate is set
+        self.out_of_scope = None  # an OutOfScopeEstimate, for a classify bundle with a detector
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         path = path if path in PATHS else "other"
@@ -53,6 +57,8 @@ class Metrics:
             out += self._budget()
         if self.shadow is not None:
             out += self.shadow.render()
+        if self.out_of_scope is not None:
+            out += self.out_of_scope.render(self.routes)
         return "\n".join(out) + "\n"
 
     def _histogram(self) -> list[str]:
@@ -81,6 +87,65 @@ class Metrics:
         return out + _counter("distill_teacher_budget_refusals_total",
                               "Escalations answered by the student because the budget was spent.",
                               {"": budget.refused})
+
+
+class OutOfScopeEstimate:
+    """The out-of-scope share of live traffic, estimated from the share answered `out_of_scope`
+    (r) and the detector's validated false rate α and recall R: π̂ = (r − α)/(R − α); and the
+    accepted accuracy the cascade has at π̂ (metrics/ood.at_share). Without a validated recall
+    (the logs held no out-of-scope queries) R is taken as 1, so π̂ is a lower bound, and the
+    accuracy assumes every missed out-of-scope query is answered wrong."""
+
+    def __init__(self, validation: dict):
+        self.false_rate = float(validation["false_rate"])
+        self.in_scope = validation["in_scope"]
+        measured = validation.get("out_of_scope")
+        self.recall_known = measured is not None and validation.get("recall") is not None
+        self.recall = float(validation["recall"]) if self.recall_known else 1.0
+        self.out_of_scope = measured if self.recall_known else ood.worst_case_out_of_scope()
+
+    @classmethod
+    def of(cls, policy_data: dict) -> OutOfScopeEstimate | None:
+        validation = (policy_data.get("out_of_scope") or {}).get("validation") or {}
+        if validation.get("false_rate") is None or not validation.get("in_scope"):
+            return None
+        return cls(validation)
+
+    def estimate(self, routes: Counter) -> tuple[float | None, float | None, float | None]:
+        """(r, π̂, accepted accuracy at π̂); all None before the first answer."""
+        total = sum(routes.values())
+        if not total:
+            return None, None, None
+        rate = routes.get("out_of_scope", 0) / total
+        share = ood.estimated_share(rate, self.false_rate, self.recall)
+        if share is None:
+            return rate, None, None
+        return rate, share, ood.at_share(self.in_scope, self.out_of_scope, share)["accepted_accuracy"]
+
+    def render(self, routes: Counter) -> list[str]:
+        rate, share, accuracy = self.estimate(routes)
+        basis = "validated" if self.recall_known else "assumed_1"
+        out = []
+        gauges = (
+            ("distill_out_of_scope_rate",
+             "Share of answered completions routed out_of_scope (r).", rate, ""),
+            ("distill_out_of_scope_false_rate",
+             "The detector's false out-of-scope rate on in-scope validation queries (alpha).",
+             self.false_rate, ""),
+            ("distill_out_of_scope_recall",
+             ("The detector's out-of-scope recall on validation (R; 1 when the logs held no "
+              "out-of-scope queries)."), self.recall, f'{{recall="{basis}"}}'),
+            ("distill_out_of_scope_share_estimate",
+             ("Estimated out-of-scope share of live traffic, (r - alpha) / (R - alpha); a lower "
+              "bound when recall is assumed."), share, f'{{recall="{basis}"}}'),
+            ("distill_accepted_accuracy_estimate",
+             "Accepted accuracy the cascade has at the estimated out-of-scope share.", accuracy,
+             f'{{recall="{basis}"}}'))
+        for name, help, value, labels in gauges:
+            if value is None:
+                continue
+            out += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name}{labels} {value:.6g}"]
+        return out
 
 
 def _counter(name: str, help: str, values: dict[str, float]) -> list[str]:

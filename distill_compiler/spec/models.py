@@ -96,6 +96,10 @@ class EscalationSpec(Section):
     """Patterns that escalate a request before the student is asked."""
     target_accuracy: float = Field(default=0.95, gt=0, le=1)
     """The cascade threshold is the lowest confidence whose accepted traffic reaches this accuracy."""
+    max_false_out_of_scope: float = Field(default=0.02, ge=0, lt=0.5)
+    """Share of in-scope validation queries the out-of-scope detector may flag; its threshold is fitted to this, so it does not move with how many out-of-scope rows the logs hold (classify)."""
+    expected_out_of_scope: float | None = Field(default=None, ge=0, lt=1)
+    """Share of live traffic expected to be out of scope; the report states the cascade's accepted accuracy, escalation and cost at that share (classify)."""
 
 
 class TeacherSpec(Section):

@@ -8,7 +8,7 @@ metrics.json and predictions.jsonl.
 
 from __future__ import annotations
 
-VERSION = "4"
+VERSION = "5"  # 5: the out-of-scope detector
 KIND = "evaluation"
 # teacher: policy.json names where escalations go, so a new teacher is a new policy.
 KEYED_ON = ("task", "description", "input", "output", "tools", "intents", "refusals", "escalation",

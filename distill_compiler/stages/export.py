@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-VERSION = "1"
+VERSION = "2"  # 2: the classifier graph outputs the pooled embedding too
 KIND = "onnx"
 # input: which field the parity texts come from; description, output and tools: the system
 # turn of the extract/agent parity prompts.

@@ -56,9 +56,12 @@ def test_runtime_answers_route_and_validate(build):
     answers = bundle.predict_batch([{"message": "I forgot my password"},
                                     {"message": "where is my parcel #HB-10293?"}])
     for a in answers:
-        assert a["route"] in ("student", "teacher", "refusal")
+        assert a["route"] in ("student", "teacher", "refusal", "out_of_scope")
         assert 0.0 <= a["confidence"] <= 1.0
-        assert a["label"] in labels
+        assert a["label"] in labels | {"out_of_scope"}
+        # The export carries the pooled embedding, so every answer has a detector score.
+        assert isinstance(a["out_of_scope_score"], float)
+    assert bundle.policy.detector is not None and bundle.policy.data["format"] == 2
     with pytest.raises(runtime.InputError):
         bundle.predict({"msg": "wrong field"})
 

@@ -215,3 +215,41 @@ def test_evaluate_runs_the_exported_tiny_encoder(exported_classifier, classify_s
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert metrics["n"] == {"val": 24, "test": 24}
     assert metrics["cascade"]["test"]["cost"]["teacher_cost_known"] is False
+    # The real graph outputs the pooled embedding, so the default detector is fitted on it.
+    ood = metrics["out_of_scope"]
+    assert ood["detector"] == "mahalanobis" and ood["policy_bytes"] > 0
+    assert set(ood["candidates"]) == {"mahalanobis", "knn", "energy", "max_prob"}
+
+
+# Training rows of the embedding bag model: two per intent, at vote 6 and 3 on its own axis.
+TRAIN = [("charged", "billing"), ("charged twice", "billing"), ("password", "password_reset"),
+         ("my password", "password_reset"), ("crash", "technical_bug"), ("the crash", "technical_bug"),
+         ("contract", "legal_advice"), ("help contract", "legal_advice")]
+OFF_TOPIC = "write me a Python function that sorts a list"
+
+
+def test_evaluate_ships_a_detector_that_answers_off_topic_messages_out_of_scope(upstream, tmp_path):
+    bag_classifier(upstream["export"], embedding=True)
+    write_jsonl(upstream["curate"] / "train.jsonl", records([(m, t, None, "log") for m, t in TRAIN]))
+    write_jsonl(upstream["curate"] / "test.jsonl",
+                records(TEST + [(OFF_TOPIC, "out_of_scope", None, "out_of_scope")]))
+    the_spec = spec(escalation={"always": ["technical_bug"], "target_accuracy": 0.95,
+                                "expected_out_of_scope": 0.2})
+    run_bundle(upstream, tmp_path, the_spec)
+    policy = json.loads((tmp_path / "bundle" / "policy.json").read_text())
+    assert policy["format"] == 2 and policy["out_of_scope"]["kind"] == "mahalanobis"
+    validation = policy["out_of_scope"]["validation"]
+    assert validation["false_rate"] <= 0.02 and validation["recall"] is not None  # 1 OOS val row
+
+    report = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())["out_of_scope"]
+    assert report["why"].startswith("the default: 1 out-of-scope validation queries")
+    assert [p["share"] for p in report["curve"]][:3] == [0.0, 0.05, 0.1]
+    assert report["expected"]["share"] == 0.2 and report["projection_basis"] == "measured"
+    assert report["score_ms_per_request"] > 0
+
+    answer = load_bundle(tmp_path / "bundle").predict({"message": OFF_TOPIC})
+    assert answer["route"] == "out_of_scope" and answer["output"] == {"intent": "out_of_scope"}
+    assert answer["out_of_scope_score"] > policy["out_of_scope"]["threshold"]
+    assert answer["reason"].startswith("out of scope: mahalanobis score ")
+    html = (tmp_path / "bundle" / "report.html").read_text()
+    assert "Out of scope" in html

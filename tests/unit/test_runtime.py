@@ -26,6 +26,7 @@ from distill_compiler.runtime.format import (
     sha256_file,
     text_field_of,
 )
+from distill_compiler.runtime.ood import pack
 
 LABELS = ["billing", "password_reset", "technical_bug", "legal_advice", "out_of_scope"]
 # Word -> the label it votes for (logit 6); unlisted words vote for nothing (all zeros).
@@ -35,8 +36,11 @@ VOTES = {"charged": "billing", "invoice": "billing", "password": "password_reset
 NEUTRAL = ["i", "my", "the", "was", "me", "help", "please", "sue", "hmm", "and", "twice"]
 
 
-def bag_classifier(out: Path, labels=LABELS, votes=VOTES, neutral=NEUTRAL) -> Path:
-    """Write model.onnx (int64 input_ids/attention_mask -> logits) and tokenizer.json to `out`."""
+def bag_classifier(out: Path, labels=LABELS, votes=VOTES, neutral=NEUTRAL,
+                   embedding: bool = False) -> Path:
+    """Write model.onnx (int64 input_ids/attention_mask -> logits) and tokenizer.json to `out`.
+    With `embedding`, the graph also outputs `pooled_embedding`: the same mean vector, as the exported
+    student outputs the pooled vector its head reads."""
     out.mkdir(parents=True, exist_ok=True)
     vocab = {"[PAD]": 0, "[UNK]": 1}
     for word in [*votes, *neutral]:
@@ -57,11 +61,16 @@ def bag_classifier(out: Path, labels=LABELS, votes=VOTES, neutral=NEUTRAL) -> Pa
         helper.make_node("ReduceSum", ["mask", "seq"], ["count"], keepdims=1),
         helper.make_node("Div", ["summed", "count"], ["logits"]),
     ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(labels)])]
+    if embedding:
+        nodes.append(helper.make_node("Identity", ["logits"], ["pooled_embedding"]))
+        outputs.append(helper.make_tensor_value_info("pooled_embedding", TensorProto.FLOAT,
+                                                     ["batch", len(labels)]))
     graph = helper.make_graph(
         nodes, "bag",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(labels)])],
+        outputs,
         [numpy_helper.from_array(table, "table"),
          numpy_helper.from_array(np.array([-1], dtype=np.int64), "last"),
          numpy_helper.from_array(np.array([1], dtype=np.int64), "seq")])
@@ -86,10 +95,11 @@ def policy(**changes) -> dict:
     return {**base, **changes}
 
 
-def write_bundle(root: Path, policy_data: dict, extra: dict[str, str] | None = None) -> Path:
+def write_bundle(root: Path, policy_data: dict, extra: dict[str, str] | None = None,
+                 embedding: bool = False) -> Path:
     """A bundle directory: the bag model, a policy, any `extra` files (name -> text) and a
     manifest listing the sha256 of each."""
-    bag_classifier(root)
+    bag_classifier(root, embedding=embedding)
     (root / "policy.json").write_text(json.dumps(policy_data))
     for name, text in (extra or {}).items():
         (root / name).write_text(text)
@@ -187,10 +197,85 @@ def test_missing_file_and_missing_manifest_are_refused(tmp_path):
 
 
 def test_unsupported_policy_is_refused(tmp_path):
-    with pytest.raises(BundleError, match="format 2 is not supported"):
-        load_bundle(write_bundle(tmp_path / "a", policy(format=2)))
+    with pytest.raises(BundleError, match="format 3 is not supported"):
+        load_bundle(write_bundle(tmp_path / "a", policy(format=3)))
     with pytest.raises(BundleError, match="5 outputs but policy.json lists 2 labels"):
         load_bundle(write_bundle(tmp_path / "b", policy(labels=["a", "b"])))
+
+
+# A kNN detector over the bag model's embedding (its mean logit vector): one prototype per
+# in-scope intent, so a message of words the model has never seen (a zero vector) is as far from
+# all of them as it can be, and any vote for an intent is at cosine 1.
+IN_SCOPE = [label for label in LABELS if label != "out_of_scope"]
+
+
+def knn_detector(threshold: float = 0.5) -> dict:
+    prototypes = np.eye(len(LABELS), dtype=np.float32)[[LABELS.index(x) for x in IN_SCOPE]]
+    return {"kind": "knn", "threshold": threshold,
+            "params": {"prototypes": pack(prototypes), "k": 1},
+            "validation": {"false_rate": 0.02, "recall": None,
+                           "in_scope": {"student_right": 0.9, "student_wrong": 0.03,
+                                        "out_of_scope": 0.02, "teacher": 0.05},
+                           "out_of_scope": None}}
+
+
+def mahalanobis_detector(threshold: float = 4.0) -> dict:
+    """Identity whitening, intent means at 3 on their own axis: "charged twice" (mean vote 3)
+    sits on billing's mean, a message of unknown words (the origin) 9 from every mean."""
+    means = 3 * np.eye(len(LABELS), dtype=np.float32)[[LABELS.index(x) for x in IN_SCOPE]]
+    return {"kind": "mahalanobis", "threshold": threshold,
+            "params": {"projection": pack(np.eye(len(LABELS))), "means": pack(means)},
+            "validation": {}}
+
+
+@pytest.fixture(scope="module")
+def detecting(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ood")
+    return load_bundle(write_bundle(root, policy(format=2, out_of_scope=knn_detector()),
+                                    embedding=True), threads=1)
+
+
+def test_a_message_like_nothing_trained_on_is_answered_out_of_scope(detecting):
+    result = detecting.predict({"message": "write me a Python function that sorts a list"})
+    assert result["route"] == "out_of_scope" and result["label"] == "out_of_scope"
+    assert result["output"] == {"intent": "out_of_scope"}
+    assert result["out_of_scope_score"] == pytest.approx(1.0)
+    assert result["reason"] == "out of scope: knn score 1 > 0.5 (nearest intent billing)"
+
+
+@pytest.mark.parametrize("message, route", [
+    ("charged twice", "student"),        # an intent's own words: cosine 1, score 0
+    ("sue me", "teacher"),               # a trigger comes first, whatever the score
+    ("help contract", "refusal"),
+    ("the crash", "teacher"),
+])
+def test_in_scope_messages_keep_their_routes_with_a_score(detecting, message, route):
+    result = detecting.predict({"message": message})
+    assert result["route"] == route
+    assert 0.0 <= result["out_of_scope_score"] <= 1.0
+
+
+def test_mahalanobis_detector_flags_the_far_message_only(tmp_path):
+    bundle = load_bundle(write_bundle(tmp_path, policy(format=2, out_of_scope=mahalanobis_detector()),
+                                      embedding=True))
+    near, far = bundle.predict_batch([{"message": "charged twice"}, {"message": "hmm please"}])
+    assert near["route"] == "student" and near["out_of_scope_score"] == pytest.approx(0.0, abs=1e-6)
+    assert far["route"] == "out_of_scope" and far["out_of_scope_score"] == pytest.approx(9.0)
+
+
+def test_format_1_bundles_without_embedding_still_load_and_never_answer_out_of_scope(bundle):
+    assert bundle.policy.detector is None and not bundle.classifier.has_embedding
+    result = bundle.predict({"message": "write me a Python function that sorts a list"})
+    assert result["route"] == "teacher" and "out_of_scope_score" not in result
+
+
+def test_a_detector_that_reads_embeddings_needs_the_embedding_output(tmp_path):
+    with pytest.raises(BundleError, match="knn out-of-scope detector reads the pooled embedding"):
+        load_bundle(write_bundle(tmp_path, policy(format=2, out_of_scope=knn_detector())))
+    broken = {**knn_detector(), "kind": "lof"}
+    with pytest.raises(BundleError, match="out_of_scope.kind 'lof' is not one of"):
+        load_bundle(write_bundle(tmp_path / "b", policy(format=2, out_of_scope=broken),
+                                 embedding=True))
 
 
 def test_classifier_pads_each_batch_to_its_longest_member(bundle_dir):

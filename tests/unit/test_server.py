@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from teacher_server import FakeTeacher
-from test_runtime import policy, write_bundle
+from test_runtime import knn_detector, policy, write_bundle
 
 from distill_compiler.serve.server import Limits, build_service, listen, uvicorn_server
 from distill_compiler.spec.models import Spec
@@ -265,6 +265,31 @@ def test_metrics_count_routes_statuses_and_latency(bundle_dir):
     assert m[f'distill_request_duration_seconds_count{{{chat}}}'] == 5
     assert m[f'distill_request_duration_seconds_bucket{{{chat},le="+Inf"}}'] == 5
     assert 0 < m[f'distill_request_duration_seconds_sum{{{chat}}}'] < 30
+
+
+def test_out_of_scope_is_answered_without_the_teacher_and_its_share_exported(teacher, tmp_path):
+    taught = policy(format=2, out_of_scope=knn_detector(),
+                    teacher={"model": "openai/fake-teacher", "api_base": teacher.api_base,
+                             "api_key_env": KEY_ENV})
+    root = write_bundle(tmp_path / "ood", taught, embedding=True)
+    asked = teacher.hits
+    with running(root) as c:
+        status, headers, body = c.chat("write me a Python function that sorts a list")
+        for _ in range(3):
+            c.chat("charged twice")
+        m = c.metrics()
+    assert status == 200 and headers["x-distill-route"] == "out_of_scope"
+    assert body["choices"][0]["message"]["content"] == "out_of_scope"
+    assert body["distill"]["out_of_scope_score"] == 1.0
+    assert body["distill"]["reason"].startswith("out of scope: knn score 1 > 0.5")
+    assert teacher.hits == asked  # "charged twice" is answered by the student too
+    assert m['distill_completions_total{route="out_of_scope"}'] == 1
+    assert m["distill_out_of_scope_rate"] == 0.25
+    assert m["distill_out_of_scope_false_rate"] == 0.02
+    # No validated recall in this bundle: R is taken as 1, the share a lower bound.
+    assert m['distill_out_of_scope_share_estimate{recall="assumed_1"}'] == pytest.approx(
+        (0.25 - 0.02) / 0.98, rel=1e-5)
+    assert 0 < m['distill_accepted_accuracy_estimate{recall="assumed_1"}'] < 1
 
 
 def test_openai_client_talks_to_it(client, bundle_dir):

@@ -1,8 +1,9 @@
 """Export a trained encoder classifier to ONNX, quantize it, and gate on parity.
 
 The graph is the student module itself (`students.PooledClassifier`: encoder, masked mean,
-head) through `torch.onnx.export(dynamo=True)`, with dynamic batch and sequence axes and a
-single output, `logits`. Parity is measured the way the model ships: the runtime's own
+head) through `torch.onnx.export(dynamo=True)`, with dynamic batch and sequence axes and two
+outputs: `logits`, and `pooled_embedding`, the vector the head reads, which the runtime's
+out-of-scope detector scores (runtime/ood.py). Parity is measured the way the model ships: the runtime's own
 `OnnxClassifier` (tokenizers + onnxruntime) on the validation split, against the torch model
 on the same texts.
 """
@@ -21,7 +22,7 @@ import torch
 from ...data.records import read_jsonl
 from ...errors import StageError
 from ...runtime.classifier import OnnxClassifier
-from ...runtime.format import input_text
+from ...runtime.format import EMBEDDING_OUTPUT, LOGITS_OUTPUT, input_text
 from ..quantize import quantize
 from ..quiet import quiet_export, quiet_training_libraries
 from .model import PooledClassifier
@@ -40,14 +41,27 @@ def input_names(tokenizer) -> list[str]:
             or n in tokenizer.model_input_names]
 
 
+class WithEmbedding(torch.nn.Module):
+    """The student with its pooled embedding as a second output: the head reads it anyway, so
+    the detector costs the graph nothing."""
+
+    def __init__(self, model: PooledClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        pooled = self.model.embed(input_ids, attention_mask, token_type_ids)
+        return self.model.head(pooled), pooled
+
+
 def export_fp32(model, tokenizer, path: Path) -> None:
     names = input_names(tokenizer)
     sample = tokenizer(list(TRACE_TEXTS), padding=True, return_tensors="pt")
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("seq", max=model.encoder.config.max_position_embeddings)
     program = torch.onnx.export(
-        model.eval(), tuple(sample[n] for n in names), dynamo=True, verbose=False,
-        input_names=names, output_names=["logits"],
+        WithEmbedding(model).eval(), tuple(sample[n] for n in names), dynamo=True, verbose=False,
+        input_names=names, output_names=[LOGITS_OUTPUT, EMBEDDING_OUTPUT],
         dynamic_shapes={n: {0: batch, 1: seq} for n in names})
     program.save(str(path), external_data=False)
 
@@ -116,7 +130,8 @@ def export_classifier(train_dir: Path, splits_dir: Path, out: Path, export, text
 
     shipped = out / "model.onnx"
     fp32 = shipped if export.quantize == "none" else out / "model.fp32.onnx"
-    reporter.log(f"export: tracing to ONNX ({', '.join(input_names(tokenizer))} -> logits)")
+    reporter.log(f"export: tracing to ONNX ({', '.join(input_names(tokenizer))} -> "
+                 f"{LOGITS_OUTPUT}, {EMBEDDING_OUTPUT})")
     with quiet_export():
         export_fp32(model, tokenizer, fp32)
         if export.quantize != "none":
