@@ -7,9 +7,10 @@ Fitting picks the lowest threshold at which everything the student answers (gate
 above the threshold, plus refusals) agrees with the teacher at least `target_accuracy` of the
 time. Candidate thresholds are the observed validation confidences, so the fitted threshold is
 the confidence of the least confident validation example it still accepts. An `out_of_scope`
-answer (the detector flagged the request) is, like a refusal, given whatever the confidence:
-on in-scope validation traffic it counts against the target, so the threshold makes room for
-the detector's false rate.
+answer (the detector flagged the request) is, like a refusal, given whatever the confidence,
+but the fit leaves it out: its cost on in-scope traffic is already bounded by
+`escalation.max_false_out_of_scope`, and counting it against the target as well made small
+specs escalate everything (on harbor-support no threshold reached 92 % agreement).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ ESCALATE_ALL = math.nextafter(1.0, 2.0)
 FORCED_RULES = ("trigger", "always", "truncated")
 # Rules the student answers whatever the confidence: a refusal's fixed response, `out_of_scope`.
 ANSWERED_RULES = ("refusal", "out_of_scope")
+# Answered rules the threshold is not fitted on (see the module docstring).
+UNFITTED_RULES = ("out_of_scope",)
 CURVE_STEPS = 50
 
 
@@ -62,7 +65,7 @@ def fit_threshold(confidence, correct, rules, target_accuracy: float) -> Thresho
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     rules = np.asarray(rules, dtype=object)
-    refusal = np.isin(rules, ANSWERED_RULES)
+    refusal = np.isin(rules, ANSWERED_RULES) & ~np.isin(rules, UNFITTED_RULES)
     gated = ~np.isin(rules, FORCED_RULES + ANSWERED_RULES)
     non_forced = int(refusal.sum() + gated.sum())
     if not gated.any():

@@ -97,16 +97,20 @@ def test_policy_section_round_trips_through_json():
         read_out_of_scope({"out_of_scope": {"kind": "mahalanobis", "threshold": 1, "params": {}}})
 
 
-def test_out_of_scope_answers_count_against_the_confidence_threshold():
-    # Two in-scope validation rows flagged out of scope are answered (and wrong) whatever the
-    # threshold: without them 0.5 would reach 0.7 (4 of 5 right); with them nothing does.
+def test_the_confidence_threshold_is_fitted_without_the_detectors_flags():
+    # Two in-scope validation rows flagged out of scope are answered whatever the threshold;
+    # their share is bounded by max_false_out_of_scope, so the fit leaves them out: the same
+    # threshold (0.5, 4 of 5 right) as without them, and coverage over the rows it decides.
     confidence = [0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2]
     correct = [True, True, True, True, False, False, False]
     rules = ["confident"] * 5 + ["out_of_scope", "out_of_scope"]
-    assert cascade.fit_threshold(confidence[:5], correct[:5], rules[:5], 0.7).threshold == 0.5
-    assert not cascade.fit_threshold(confidence, correct, rules, 0.7).reached
-    fit = cascade.fit_threshold(confidence, correct, rules, 0.6)
-    assert fit.threshold == 0.6 and fit.accuracy == pytest.approx(4 / 6)
+    alone = cascade.fit_threshold(confidence[:5], correct[:5], rules[:5], 0.7)
+    fit = cascade.fit_threshold(confidence, correct, rules, 0.7)
+    assert fit == alone
+    assert fit.threshold == 0.5 and fit.accuracy == pytest.approx(4 / 5) and fit.coverage == 1.0
+    # Refusals still count: a wrong refusal is answered whatever the threshold.
+    refused = cascade.fit_threshold(confidence[:6], correct[:6], rules[:5] + ["refusal"], 0.7)
+    assert refused.threshold == 0.6 and refused.accuracy == pytest.approx(4 / 5)
 
 
 IN = {"student_right": 0.90, "student_wrong": 0.03, "out_of_scope": 0.02, "teacher": 0.05}
