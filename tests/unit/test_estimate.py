@@ -8,7 +8,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from teacher_server import FakeTeacher  # tests/ is on sys.path (conftest.py lives there)
+from teacher_server import (
+    FakeTeacher,  # tests/ is on sys.path (conftest.py lives there)
+)
 
 from distill_compiler.cli import main
 from distill_compiler.spec.load import parse_spec
