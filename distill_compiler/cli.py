@@ -213,10 +213,29 @@ def schema(output: str | None) -> None:
 def plan_cmd(spec_path: str, out_dir: str | None, cache: str | None, sets: tuple[str, ...]) -> None:
     """Say which stages are cached and which would run, and why."""
     project = load_project(spec_path, out_dir, cache, sets)
+    modules = dict(zip(pipeline.STAGE_NAMES, pipeline.STAGES))
     for step in pipeline.plan(project):
         color = "green" if step.status == "cached" else "yellow"
         why = "; ".join(step.reasons)
         out.print(f"{step.name:<9} [{color}]{step.status}[/]" + (f" {escape(why)}" if why else ""))
+        if step.status == "stale":
+            estimate = pipeline.teacher_estimate(project, modules[step.name])
+            if estimate is not None:
+                print_estimate(estimate, project.spec.teacher.confirm_over_usd)
+
+
+def print_estimate(estimate, limit_usd: float | None) -> None:
+    """A stage's teacher cost: the total, then each kind of request (teacher/estimate.py)."""
+    out.print(f"  teacher: {escape(estimate.describe())}")
+    for kind in estimate.kinds:
+        out.print(f"    {kind.kind:<12} {kind.requests:>6,} to send {kind.cached:>6,} cached  "
+                  f"~{kind.input_tokens:,} in + ~{kind.output_tokens:,} out tokens"
+                  + (f" (output: {kind.output_basis})" if kind.requests else ""))
+    if limit_usd is not None:
+        usd = estimate.usd
+        verdict = ("compile asks for --yes" if usd is None or usd > limit_usd
+                   else "within it") if estimate.requests else "nothing to pay"
+        out.print(f"  teacher.confirm_over_usd ${limit_usd:g}: {verdict}")
 
 
 @app.command("compile")
@@ -227,14 +246,16 @@ def plan_cmd(spec_path: str, out_dir: str | None, cache: str | None, sets: tuple
 @click.option("--until", type=click.Choice(pipeline.STAGE_NAMES), help="Stop after this stage.")
 @click.option("--force", multiple=True, type=click.Choice(pipeline.STAGE_NAMES),
               help="Rerun this stage even if cached (repeatable).")
+@click.option("--yes", is_flag=True,
+              help="Pay the teacher even when the estimate exceeds teacher.confirm_over_usd.")
 def compile_cmd(spec_path: str, out_dir: str | None, cache: str | None, sets: tuple[str, ...],
-                until: str | None, force: tuple[str, ...]) -> None:
+                until: str | None, force: tuple[str, ...], yes: bool) -> None:
     """Build the student and its bundle, rerunning only what changed."""
     project = load_project(spec_path, out_dir, cache, sets)
     reporter = RichReporter(err)
     started = time.perf_counter()
     try:
-        result = pipeline.build(project, until=until, force=force, reporter=reporter)
+        result = pipeline.build(project, until=until, force=force, reporter=reporter, yes=yes)
     finally:
         reporter.close()
     print_summary(result, time.perf_counter() - started)

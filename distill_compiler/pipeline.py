@@ -19,7 +19,7 @@ from typing import Any
 
 from .artifacts import Artifact
 from .cache import Store, compile_lock, read_lock, write_json_atomic
-from .errors import UsageError
+from .errors import StageError, UsageError
 from .runtime.format import sha256_file
 from .spec.models import Spec, keyed_values
 from .stages import bundle, curate, evaluate, export, generate, train
@@ -168,6 +168,29 @@ def plan(project: Project, stages: list[ModuleType] | None = None) -> list[Stage
     return out
 
 
+def teacher_estimate(project: Project, module: ModuleType):
+    """What a stage would ask the teacher, counted without sending (teacher/estimate.py): an
+    Estimate, or None for a stage that asks nothing."""
+    estimate = getattr(module, "estimate", None)
+    if estimate is None:
+        return None
+    return estimate(SpecView(project.spec, module.KEYED_ON), project.spec_dir, project.cache_root)
+
+
+def confirm_spend(project: Project, module: ModuleType) -> None:
+    """Stop before a stage's first paid teacher request when its estimate is over (or cannot
+    be priced against) teacher.confirm_over_usd."""
+    from .teacher.estimate import over_limit
+
+    limit = project.spec.teacher.confirm_over_usd
+    if limit is None:
+        return
+    estimate = teacher_estimate(project, module)
+    why = over_limit(estimate, limit) if estimate is not None else None
+    if why:
+        raise StageError(stage_name(module), why)
+
+
 def why_stale(previous: dict | None, current: dict, problem: str = "missing") -> list[str]:
     """Human reasons a stage's key differs from the one recorded in the lock; when it does
     not differ, what is wrong with the cache entry (`problem`, from Store.lookup)."""
@@ -241,8 +264,12 @@ class BuildResult:
 
 
 def build(project: Project, *, until: str | None = None, force: tuple[str, ...] = (),
-          reporter: Reporter | None = None, stages: list[ModuleType] | None = None) -> BuildResult:
-    """Run every stale stage in order (up to `until`), reuse cached ones, write the lock."""
+          reporter: Reporter | None = None, stages: list[ModuleType] | None = None,
+          yes: bool = False) -> BuildResult:
+    """Run every stale stage in order (up to `until`), reuse cached ones, write the lock.
+
+    A stage that calls the teacher first checks its estimate against
+    teacher.confirm_over_usd, unless `yes`."""
     stages = stages or default_stages()
     names = [stage_name(m) for m in stages]
     for name in (until, *force):
@@ -253,11 +280,11 @@ def build(project: Project, *, until: str | None = None, force: tuple[str, ...] 
         return _follow(project, stages, names[:names.index(until) + 1] if until else names)
     reporter = reporter or Reporter()
     with compile_lock(project.cache_root, lambda text: reporter.log(_plain(text))):
-        return _build(project, stages, until, force, reporter, world)
+        return _build(project, stages, until, force, reporter, world, yes)
 
 
 def _build(project: Project, stages: list[ModuleType], until: str | None,
-           force: tuple[str, ...], reporter: Reporter, world: int) -> BuildResult:
+           force: tuple[str, ...], reporter: Reporter, world: int, yes: bool) -> BuildResult:
     """build() once it holds the compile lock: no other build writes this cache now."""
     store = Store(project.cache_root)
     if swept := store.sweep_tmp():
@@ -280,6 +307,8 @@ def _build(project: Project, stages: list[ModuleType], until: str | None,
         if artifact is None:
             why = "" if problem in ("missing", "forced") else \
                 f" (cache entry corrupt: {problem}; rebuilding it)"
+            if not yes:
+                confirm_spend(project, module)
             reporter.log(f"[bold]{name}[/]: running{_plain(why)}")
             artifact = _run_stage(module, name, key, project, inputs, store, reporter)
         seconds = round(time.perf_counter() - started, 3)

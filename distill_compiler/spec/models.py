@@ -20,7 +20,8 @@ OUT_OF_SCOPE = "out_of_scope"
 # Fields that change how a stage runs but never what it produces: left out of cache keys, so
 # raising a budget or the concurrency does not rebuild anything.
 NOT_KEYED = {
-    "teacher": {"max_concurrency", "max_retries", "timeout_s", "budget_usd", "max_requests"},
+    "teacher": {"max_concurrency", "max_retries", "timeout_s", "budget_usd", "max_requests",
+                "confirm_over_usd"},
     "student": {"device"},
 }
 CAUSAL_TASKS = ("extract", "agent")
@@ -121,6 +122,8 @@ class TeacherSpec(Section):
     """Hard spending cap for this compile; generation stops cleanly when it is reached."""
     max_requests: int | None = Field(default=None, ge=0)
     """Hard cap on paid (uncached) requests for this compile."""
+    confirm_over_usd: float | None = Field(default=None, ge=0)
+    """Ask first: `distill compile` stops before its first paid teacher request when the estimate (`distill plan`: requests not in the cache, tokens, litellm's prices) exceeds this, or when the model's price is unknown; `--yes` proceeds."""
     soft_labels: Literal["logprobs", "samples", "none"] = "logprobs"
     """Where classification soft labels come from: token logprobs, n sampled votes, or none."""
     samples: int = Field(default=5, ge=1, le=50)

@@ -96,6 +96,65 @@ async def _generate(ctx):
         cache.close()
 
 
+def estimate(spec, spec_dir: Path, cache_root: Path):
+    """What run() would ask the teacher, counted without sending anything: an `Estimate`
+    (teacher/estimate.py), or None when this spec sends the teacher nothing."""
+    if not (spec.teacher.model and wants_generation(spec.task, spec.data, spec.scenarios)):
+        return None
+    return asyncio.run(_estimate(spec, spec_dir, cache_root))
+
+
+async def _estimate(spec, spec_dir: Path, cache_root: Path):
+    from ..teacher.estimate import DryTeacher, open_cache
+    from ..teacher.prompts import Prompts
+
+    templates = spec_dir / spec.teacher.templates if spec.teacher.templates else None
+    cache = open_cache(cache_root)
+    try:
+        teacher = DryTeacher(spec.teacher.model, spec.teacher.api_base, cache, stand_in(spec))
+        await Generator(spec, teacher, Prompts(templates)).run(lambda n=1: None)
+        return teacher.estimate()
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+# A generated input or user turn of typical length, for the requests that depend on one.
+TYPICAL_INPUT = "Hi, I was charged twice for my subscription this month, can you refund one?"
+TYPICAL_REPLY = ("I'm sorry about the double charge. I've checked your account and refunded "
+                 "the second payment; it will be back on your card within 5 business days.")
+
+
+def stand_in(spec):
+    """The answer a dry run gives each kind of request not in the cache (teacher/estimate.py):
+    of typical length, and shaped so that Generator asks what depends on it."""
+    import itertools
+    import json
+
+    from ..spec.models import class_labels
+    from ..teacher.estimate import StandIn
+
+    numbers = itertools.count()  # generated inputs differ, so their labels are distinct requests
+    label = class_labels(spec.intents, spec.refusals)[0]
+    fields = (spec.output.schema_.get("properties", {}) if spec.task == "extract" else {})
+
+    def answer(request) -> StandIn:
+        if request.kind == "generation":
+            items = [f"{TYPICAL_INPUT} ({next(numbers)})" for _ in range(BATCH)]
+            return StandIn(json.dumps({"items": items}))
+        if request.kind in ("label", "label_vote"):
+            top = [{"token": label, "logprob": 0.0, "top": []}] if request.logprobs else None
+            return StandIn(label, logprobs=top)
+        if request.kind == "extraction":
+            return StandIn(json.dumps({name: "a typical value" for name in fields}))
+        if request.kind == "agent_user":
+            return StandIn(TYPICAL_INPUT)
+        if request.kind == "agent_turn":
+            return StandIn(TYPICAL_REPLY)
+        return StandIn("{}")
+    return answer
+
+
 async def gather_or_cancel(coros) -> list:
     """gather(), stopping every task on the first failure.
 
@@ -247,7 +306,8 @@ class Generator:
         variables = {"description": self.spec.description, **ask.variables}
         request = Request(self.prompts.chat("writer", ask.template, **variables),
                           temperature=self.spec.teacher.temperature,
-                          response_format=json_schema_format("generated_inputs", schema))
+                          response_format=json_schema_format("generated_inputs", schema),
+                          kind="generation")
         reply = await self.teacher.complete(request)
         self.progress(1)
         try:
@@ -291,7 +351,7 @@ class Generator:
                                      labels=self.label_help, text=text)
         first = await self.teacher.complete(Request(
             messages, temperature=0.0, max_tokens=16,
-            logprobs=teacher_cfg.soft_labels == "logprobs"))
+            logprobs=teacher_cfg.soft_labels == "logprobs", kind="label"))
         replies = [first]
         chosen = label_of(first.content, self.labels)
         if teacher_cfg.soft_labels == "none" or chosen is None:
@@ -301,7 +361,8 @@ class Generator:
         # Sampled votes: asked for, or the provider gave no logprobs. The temperature-0 answer
         # is the first vote and stays the target unless the votes clearly disagree.
         more = await gather_or_cancel([self.teacher.complete(Request(
-            messages, temperature=teacher_cfg.temperature, max_tokens=16, sample=i))
+            messages, temperature=teacher_cfg.temperature, max_tokens=16, sample=i,
+            kind="label_vote"))
             for i in range(1, teacher_cfg.samples)])
         replies += more
         soft = vote_distribution([chosen] + [label_of(r.content, self.labels) for r in more],
@@ -315,7 +376,8 @@ class Generator:
         reply = await self.teacher.complete(Request(
             self.prompts.chat("extract", "message", description=self.spec.description,
                               output_schema=schema, text=text),
-            temperature=0.0, response_format=json_schema_format("extraction", schema)))
+            temperature=0.0, response_format=json_schema_format("extraction", schema),
+            kind="extraction"))
         try:
             return parse_json(reply.content, schema), None, [reply]
         except BadReply:
@@ -343,7 +405,7 @@ class Generator:
                 [{"role": "user", "content": self.prompts.text(
                     "agent_user", scenario=scenario, conversation=index, turn=turn,
                     transcript=transcript)}],
-                temperature=self.spec.teacher.temperature, max_tokens=300))
+                temperature=self.spec.teacher.temperature, max_tokens=300, kind="agent_user"))
             replies.append(user)
             if not user.content:
                 self.rejected["agent_empty_user_turn"] += 1
@@ -351,7 +413,7 @@ class Generator:
             trace.append({"role": "user", "content": user.content.strip()})
             for _ in range(MAX_TOOL_ROUNDS):
                 reply = await self.teacher.complete(Request([system, *trace], temperature=0.0,
-                                                            tools=tools))
+                                                            tools=tools, kind="agent_turn"))
                 replies.append(reply)
                 message = {"role": "assistant", "content": reply.content}
                 if reply.tool_calls:
@@ -386,7 +448,8 @@ class Generator:
         reply = await self.teacher.complete(Request(
             [{"role": "user", "content": self.prompts.text(
                 "tool_result", tool=tool, arguments=call["function"]["arguments"])}],
-            temperature=0.0, response_format=json_schema_format("tool_result", schema)))
+            temperature=0.0, response_format=json_schema_format("tool_result", schema),
+            kind="tool_result"))
         replies.append(reply)
         try:
             return records.canonical(parse_json(reply.content, schema))

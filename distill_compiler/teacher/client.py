@@ -44,7 +44,7 @@ TOP_LOGPROBS = 20  # the most OpenAI-compatible servers return
 
 @dataclass(frozen=True)
 class Request:
-    """One chat completion; every field is part of the cache key."""
+    """One chat completion; every field but `kind` is part of the cache key."""
 
     messages: tuple[dict, ...] | list[dict]
     temperature: float = 0.0
@@ -53,6 +53,13 @@ class Request:
     tools: list[dict] | None = None
     logprobs: bool = False
     sample: int = 0  # the n-th draw of the same request (sampled soft labels)
+    # What the request is for ("generation", "label", "agent_turn", ...): not sent, not keyed;
+    # the cost estimate (teacher/estimate.py) groups requests by it.
+    kind: str = "request"
+
+    def key(self, model: str, api_base: str | None) -> str:
+        """The per-request cache key of this request sent to `model` at `api_base`."""
+        return request_key(model, api_base, list(self.messages), self.params(), self.sample)
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"temperature": self.temperature}
@@ -176,15 +183,14 @@ class Teacher:
         self.halted: StageError | None = None
 
     def key(self, request: Request) -> str:
-        return request_key(self.model, self.api_base, list(request.messages), request.params(),
-                           request.sample)
+        return request.key(self.model, self.api_base)
 
     async def complete(self, request: Request) -> Reply:
         key = self.key(request)
         # One lock per key: identical requests in flight at once are paid for once.
         async with self._key_locks.setdefault(key, asyncio.Lock()):
             hit = self.cache.get(key)
-            cached = _cached_reply(key, hit) if hit is not None else None
+            cached = cached_reply(key, hit) if hit is not None else None
             if cached is not None:
                 self.usage.cached += 1
                 return cached
@@ -261,7 +267,7 @@ class Teacher:
                      completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
 
 
-def _cached_reply(key: str, hit: dict) -> Reply | None:
+def cached_reply(key: str, hit: dict) -> Reply | None:
     """A cached answer as a Reply; None (ask again) for a row whose fields were edited away."""
     try:
         return Reply(key=key, cached=True, **hit)
@@ -353,4 +359,4 @@ def _logprobs(logprobs) -> list[dict] | None:
 
 
 __all__ = ["Backoff", "BadReply", "BudgetExhausted", "Reply", "Request", "Teacher", "Usage",
-           "json_schema_format", "parse_json"]
+           "cached_reply", "json_schema_format", "parse_json"]

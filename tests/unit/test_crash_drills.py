@@ -246,7 +246,7 @@ def test_teacher_cache_survives_a_kill_mid_write_and_refuses_a_damaged_file(tmp_
     """A writer killed while committing rows as fast as it can leaves a sound database with
     every committed answer; a file truncated by hand is moved aside, not read."""
     from distill_compiler.teacher.cache import RequestCache
-    from distill_compiler.teacher.client import _cached_reply
+    from distill_compiler.teacher.client import cached_reply
 
     path = tmp_path / "teacher.sqlite"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=ENV)
@@ -266,7 +266,7 @@ def test_teacher_cache_survives_a_kill_mid_write_and_refuses_a_damaged_file(tmp_
     with sqlite3.connect(path) as db:  # rows edited by hand: not JSON, a field gone
         db.execute("UPDATE responses SET reply = 'not json' WHERE key = 'k0'")
         db.execute("""UPDATE responses SET reply = '{"content": "x"}' WHERE key = 'k1'""")
-    assert cache.get("k0") is None and _cached_reply("k1", cache.get("k1")) is None
+    assert cache.get("k0") is None and cached_reply("k1", cache.get("k1")) is None
     with sqlite3.connect(path) as db:  # fold the WAL in, then cut the file by hand
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     cache.close()

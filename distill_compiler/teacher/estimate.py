@@ -1,0 +1,228 @@
+"""What a stage's teacher requests will cost, counted before any of them is sent.
+
+A stage that calls the teacher runs its own request-building code against a `DryTeacher`:
+the same prompts, the same `Request`s and the same cache keys as the real `Teacher`, but
+nothing leaves the machine. A request whose key is in the per-request cache is free (a
+rerun costs $0); a request not in it is one to pay for, counted with:
+
+- input tokens: its rendered messages (and tools) counted by `litellm.token_counter` for the
+  model (litellm falls back to tiktoken's cl100k for a model it has no tokenizer for);
+- output tokens: the mean completion tokens of the cached answers of the same kind
+  (`Request.kind`) met in this count, when there are any; else the tokens of the stand-in
+  answer the stage gives for that kind (an answer of typical length), never more than the
+  request's `max_tokens`. Each kind says which (`KindCount.output_basis`);
+- dollars: tokens times `input_cost_per_token` and `output_cost_per_token` from litellm's
+  local cost map (`litellm.get_model_info`). A model missing from the map has an unknown
+  price, never a guessed one.
+
+The stand-in answer of a request not in the cache lets the stage go on to the requests that
+depend on it (the labels of the inputs a generation request would return, the next turn of
+an agent trace), so those are counted too. What depends on the teacher's actual choices is
+counted along the stand-in's path: an agent turn that is not cached answers without a tool
+call, so tool-call rounds the teacher would make are not in the estimate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cache import FILENAME, RequestCache
+from .client import Reply, Request, cached_reply
+
+# litellm fetches its price map from the network at import time unless told not to.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """The answer a dry run gives a request that is not in the cache."""
+
+    content: str | None = None
+    tool_calls: list[dict] | None = None
+    logprobs: list[dict] | None = None
+
+
+@dataclass(frozen=True)
+class Price:
+    """US dollars per token, from litellm's cost map."""
+
+    input_per_token: float
+    output_per_token: float
+
+
+@dataclass
+class KindCount:
+    """The requests of one kind: how many to send, how many cached, their estimated tokens."""
+
+    kind: str
+    requests: int = 0  # not in the cache: these are paid for
+    cached: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    output_basis: str = ""  # how output_tokens was estimated, for the plan to say
+
+
+@dataclass
+class Estimate:
+    model: str
+    kinds: list[KindCount]
+    price: Price | None  # None: the model is not in litellm's cost map
+
+    @property
+    def requests(self) -> int:
+        return sum(k.requests for k in self.kinds)
+
+    @property
+    def cached(self) -> int:
+        return sum(k.cached for k in self.kinds)
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(k.input_tokens for k in self.kinds)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(k.output_tokens for k in self.kinds)
+
+    @property
+    def usd(self) -> float | None:
+        """The estimated dollars; None when there is something to pay and no known price."""
+        if self.requests == 0:
+            return 0.0
+        return None if self.price is None else cost_usd(self.input_tokens, self.output_tokens,
+                                                        self.price)
+
+    def describe(self) -> str:
+        """One line: requests to send, cached, tokens and dollars."""
+        return (f"{self.requests:,} teacher requests to send ({self.cached:,} cached), "
+                f"~{self.input_tokens:,} input + ~{self.output_tokens:,} output tokens, "
+                f"{describe_usd(self)}")
+
+
+def describe_usd(estimate: Estimate) -> str:
+    if estimate.usd is None:
+        return f"unknown price ({estimate.model} is not in litellm's cost map)"
+    return f"~${estimate.usd:.4f} ({estimate.model})"
+
+
+def cost_usd(input_tokens: int, output_tokens: int, price: Price) -> float:
+    return input_tokens * price.input_per_token + output_tokens * price.output_per_token
+
+
+def price_of(model: str) -> Price | None:
+    """The model's per-token prices in litellm's local cost map; None when it has none."""
+    import litellm
+
+    try:
+        info = litellm.get_model_info(model)
+    except Exception:  # noqa: BLE001 (litellm raises its own error, or others, for an unmapped model)
+        return None
+    cost_in, cost_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+    if cost_in is None or cost_out is None:
+        return None
+    return Price(float(cost_in), float(cost_out))
+
+
+def input_tokens(model: str, request: Request) -> int:
+    """The tokens of a request's rendered messages and tools, as the model counts them."""
+    import litellm
+
+    return litellm.token_counter(model=model, messages=list(request.messages),
+                                 tools=request.tools or None)
+
+
+def answer_tokens(model: str, answer: StandIn) -> int:
+    import json
+
+    import litellm
+
+    text = (answer.content or "") + (json.dumps(answer.tool_calls) if answer.tool_calls else "")
+    return litellm.token_counter(model=model, text=text) if text else 0
+
+
+def open_cache(cache_root: Path) -> RequestCache | None:
+    """The request cache under `cache_root` when there is one; a count creates none."""
+    path = Path(cache_root) / FILENAME
+    return RequestCache(path) if path.is_file() else None
+
+
+@dataclass
+class _Kind:
+    count: KindCount
+    cached_output: list[int] = field(default_factory=list)  # completion tokens of cached answers
+    guesses: list[tuple[int, int | None]] = field(default_factory=list)  # (stand-in, max_tokens)
+
+
+class DryTeacher:
+    """Stands where `Teacher` stands (`complete`, `key`) and counts instead of sending."""
+
+    def __init__(self, model: str, api_base: str | None, cache: RequestCache | None,
+                 stand_in: Callable[[Request], StandIn]):
+        self.model, self.api_base, self.cache, self.stand_in = model, api_base, cache, stand_in
+        self._kinds: dict[str, _Kind] = {}
+        self._seen: dict[str, Reply] = {}  # requests already counted as sent, by key
+
+    def key(self, request: Request) -> str:
+        return request.key(self.model, self.api_base)
+
+    async def complete(self, request: Request) -> Reply:
+        key = self.key(request)
+        kind = self._kinds.setdefault(request.kind, _Kind(KindCount(request.kind)))
+        hit = self.cache.get(key) if self.cache is not None else None
+        reply = cached_reply(key, hit) if hit is not None else None
+        if reply is not None or key in self._seen:
+            # The real Teacher pays once for identical requests: the repeat is a cache hit.
+            kind.count.cached += 1
+            if reply is not None and reply.completion_tokens:
+                kind.cached_output.append(reply.completion_tokens)
+            return reply or self._seen[key]
+        answer = self.stand_in(request)
+        kind.count.requests += 1
+        kind.count.input_tokens += input_tokens(self.model, request)
+        kind.guesses.append((answer_tokens(self.model, answer), request.max_tokens))
+        self._seen[key] = Reply(key=key, content=answer.content, tool_calls=answer.tool_calls,
+                                logprobs=answer.logprobs, cost_usd=0.0, prompt_tokens=0,
+                                completion_tokens=0)
+        return self._seen[key]
+
+    def estimate(self) -> Estimate:
+        return Estimate(self.model, [output_estimate(k) for k in self._kinds.values()],
+                        price_of(self.model))
+
+
+def output_estimate(kind: _Kind) -> KindCount:
+    """A kind's count with its output tokens filled in (see the module docstring)."""
+    count = kind.count
+    if not kind.guesses:
+        count.output_basis = "nothing to send"
+    elif kind.cached_output:
+        mean = sum(kind.cached_output) / len(kind.cached_output)
+        count.output_tokens = round(mean * len(kind.guesses))
+        count.output_basis = f"mean of {len(kind.cached_output)} cached answers"
+    else:
+        count.output_tokens = sum(min(guess, cap) if cap else guess for guess, cap in kind.guesses)
+        count.output_basis = "typical answer, at most max_tokens"
+    return count
+
+
+def over_limit(estimate: Estimate, limit_usd: float) -> str | None:
+    """Why a compile must ask before spending, or None when the estimate is within the limit."""
+    if estimate.requests == 0:
+        return None
+    if estimate.usd is None:
+        return (f"{estimate.requests:,} teacher requests to send at an {describe_usd(estimate)}, "
+                f"and teacher.confirm_over_usd is ${limit_usd:g}: rerun with --yes or raise "
+                "teacher.confirm_over_usd")
+    if estimate.usd <= limit_usd:
+        return None
+    return (f"the teacher requests are estimated at ${estimate.usd:.4f} ({estimate.requests:,} "
+            f"requests, ~{estimate.input_tokens:,} input + ~{estimate.output_tokens:,} output "
+            f"tokens), over teacher.confirm_over_usd ${limit_usd:g}: rerun with --yes or raise "
+            "teacher.confirm_over_usd")
+
+
+__all__ = ["DryTeacher", "Estimate", "KindCount", "Price", "StandIn", "cost_usd", "open_cache",
+           "over_limit", "price_of"]
