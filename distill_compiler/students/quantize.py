@@ -11,7 +11,8 @@ decoder reproduced 21 of 24 answers without it and 24 of 24 with it.
 
 Static int8 (`quantize_static_int8`) writes a QDQ graph whose activation scales were fixed on
 calibration inputs, so the runtime does not re-measure every activation on every call as
-dynamic int8 does; `weight_matmuls` lists the MatMuls either kind may quantize, the ones a
+dynamic int8 does. Blockwise int8 (`quantize_blockwise_int8`) quantizes weights and, at run
+time, activations in blocks of 32 values rather than whole tensors. `weight_matmuls` lists the MatMuls either kind may quantize, the ones a
 parity search can keep in fp32 one by one.
 """
 
@@ -21,6 +22,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 INT4_BLOCK = 32  # MatMulNBits block size: 32 keeps small hidden sizes quantizable
+# Blockwise int8's block: on a 50-intent MiniLM-L6, 32 agreed with the trained model on 99.4 %
+# of validation, 128 on 99.3 %, dynamic int8 on 98.6 % (one run, side by side).
+INT8_BLOCK = 32
 
 
 def head_nodes(path: Path, output: str | None = None) -> list[str]:
@@ -114,3 +118,26 @@ def quantize_static_int8(fp32: Path, out: Path, feeds: Iterable[dict], method: s
                     op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                     calibrate_method=calibrate[method], calibration_cache_path=cache,
                     extra_options={"CalibMovingAverage": False})
+
+
+def quantize_blockwise_int8(fp32: Path, out: Path, output: str | None = None,
+                            keep_fp32: Sequence[str] = (), only: Sequence[str] | None = None) -> None:
+    """int8 weights in blocks of INT8_BLOCK along each MatMul's input axis (MatMulNBits, 8 bits),
+    whose activations are quantized per block at run time (accuracy_level 4): a block's scale
+    follows its own range where dynamic int8 has one scale per tensor, so a near-tie answer
+    flips less often. The embedding Gathers are dynamic int8 (GatherBlockQuantized takes 4 bits
+    only); the head of `output` and `keep_fp32` stay fp32."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    gathers = out.with_name(out.stem + ".gather.onnx")
+    quantize_dynamic(str(fp32), str(gathers), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["Gather"])
+    q = MatMulNBitsQuantizer(onnx.load(str(gathers)), bits=8, block_size=INT8_BLOCK,
+                             is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",),
+                             nodes_to_exclude=head_nodes(fp32, output) + list(keep_fp32),
+                             nodes_to_include=list(only) if only is not None else None)
+    q.process()
+    q.model.save_model_to_file(str(out), use_external_data_format=False)
+    gathers.unlink()

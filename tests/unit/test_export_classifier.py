@@ -95,6 +95,13 @@ def test_parity_gate_names_the_figures():
                               "examples (< 99.0%)")
     assert "quantize: none" in err.value.hint
     check_parity(Parity(412, 1.0, 0.99, 1e-6), "int8", 0.99)  # at the threshold: passes
+    with pytest.raises(StageError) as err:  # just under it: enough digits to show it
+        check_parity(Parity(878, 1.0, 869 / 878, 1e-6), "int8", 0.99,
+                     [{"variant": "dynamic", "agreement": 0.986},
+                      {"variant": "dynamic+fp32x7", "agreement": 869 / 878}])
+    assert str(err.value) == ("int8 agrees with the trained model on 98.97% of 878 validation "
+                              "examples (< 99.0%); variants tried: dynamic 98.6%, "
+                              "dynamic+fp32x7 98.97%")
 
 
 def barely_trained(tmp_path, make_splits, tiny_encoder_dir, **export_section):
@@ -119,10 +126,11 @@ def test_parity_gate_fails_the_stage_when_no_variant_meets_it(tmp_path, make_spl
 
     monkeypatch.setitem(quantize_search.FAMILIES, "dynamic", (quantize_search.Variant("dynamic"),))
     monkeypatch.setattr(quantize_search, "MAX_FP32_MATMULS", 0)
+    monkeypatch.setitem(quantize_search.LAST_RESORT, "dynamic", ())
     ctx = barely_trained(tmp_path, make_splits, tiny_encoder_dir, int8_mode="dynamic")
-    with pytest.raises(StageError, match=r"^int8 agrees with the trained model on \d+\.\d% of "
+    with pytest.raises(StageError, match=r"^int8 agrees with the trained model on \d+\.\d+% of "
                                          r"120 validation examples \(< 99\.0%\); variants "
-                                         r"tried: dynamic \d+\.\d%$") as err:
+                                         r"tried: dynamic \d+\.\d+%$") as err:
         export.run(ctx)
     assert "quantize: none" in err.value.hint and "train longer" in err.value.hint
     parity = json.loads((tmp_path / "out" / "parity.json").read_text())
