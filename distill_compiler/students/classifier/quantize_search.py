@@ -31,7 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..quantize import quantize, quantize_blockwise_int8, quantize_static_int8, weight_matmuls
+from ..quantize import (
+    quantize,
+    quantize_blockwise_int8,
+    quantize_static_int8,
+    weight_matmuls,
+)
 from ..quiet import quiet_export
 
 # Each MatMul kept in fp32 gives back part of the int8 speed-up; past a handful (MiniLM-L6 has
