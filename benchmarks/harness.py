@@ -101,20 +101,36 @@ def curated_base(spec_path: Path):
     return compiled, base, chat
 
 
-def machine() -> dict:
+# The /proc/cpuinfo flags that decide which int8 kernels onnxruntime runs: AVX2 alone adds
+# u8s8 products pairwise in 16 bits, VNNI (AVX-512 or AVX) does int8 dot products in one
+# instruction, AMX multiplies int8 tiles.
+INT8_FLAGS = {"avx2": ("AVX2", {"avx2"}), "avx512": ("AVX-512", {"avx512f"}),
+              "vnni": ("VNNI", {"avx512_vnni", "avx_vnni"}), "amx": ("AMX", {"amx_int8"})}
+
+
+def machine(cpuinfo: str | None = None) -> dict:
     """The CPU the figures were measured on: model, cores, and the vector extensions that decide
-    how fast quantized kernels run."""
+    how fast quantized kernels run (`int8`: their names, for printing beside a latency)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "avx2": "avx2" in flags,
-            "avx512": "avx512f" in flags, "vnni": bool({"avx512_vnni", "avx_vnni"} & flags)}
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    found = {key: bool(names & flags) for key, (_, names) in INT8_FLAGS.items()}
+    return {"cpu": model, "cores": os.cpu_count(), **found,
+            "int8": ", ".join(label for key, (label, _) in INT8_FLAGS.items() if found[key])
+                    or "no AVX2"}
+
+
+def cpu_line(facts: dict | None = None) -> str:
+    """`Intel(R) Xeon(R) Processor, 2 cores, int8: AVX2, AVX-512, VNNI`."""
+    facts = facts or machine()
+    return f"{facts['cpu']}, {facts['cores']} cores, int8: {facts['int8']}"
 
 
 def command(script: str, argv: Sequence[str] | None) -> str:

@@ -14,3 +14,14 @@ def num(value: float | None, digits: int = 3) -> str:
 
 def megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def int8_variant(parity: dict) -> str:
+    """What the int8 search shipped (export's parity.json `int8`), as a clause to append to the
+    quantization kind; empty for a model exported before the search or not int8."""
+    int8 = parity.get("int8") or {}
+    if not int8.get("variant"):
+        return ""
+    tried = ", ".join(f"{t['variant']} {pct(t['agreement'])}" for t in int8.get("tried", []))
+    return (f", variant {int8['variant']} (int8_mode {int8.get('mode', 'n/a')}; "
+            f"batch-1 p50 {num(int8.get('latency_p50_ms'), 2)} ms at export; tried {tried})")

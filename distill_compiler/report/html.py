@@ -13,7 +13,7 @@ import html
 import math
 from dataclasses import dataclass
 
-from .figures import megabytes, num, pct
+from .figures import int8_variant, megabytes, num, pct
 
 LATENCY_BINS = 30
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -315,7 +315,8 @@ def metrics_table(report: dict) -> str:
         ("Latency p50 / p99", f"{num(latency['p50_ms'], 2)} / {num(latency['p99_ms'], 2)} ms",
          f"batch 1, tokenizer + model on CPU, {latency['runs']} runs"),
         ("Model size", megabytes(size) if size else "n/a",
-         f"model.onnx, quantization {report['parity'].get('quantize', 'n/a')}"),
+         f"model.onnx, quantization {report['parity'].get('quantize', 'n/a')}"
+         + int8_variant(report["parity"])),
         teacher_requests_row(generate),
     ]
     return headline_table(rows)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from ..spec.models import OUT_OF_SCOPE
-from .figures import megabytes, num, pct
+from .figures import int8_variant, megabytes, num, pct
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -109,7 +109,7 @@ def training_section(spec, report: dict) -> str:
         f"(best {train.get('best_epoch', 'n/a')}), validation agreement "
         f"{pct(train.get('val_agreement'))}.\n"
         f"- Export: ONNX, quantization `{parity.get('quantize', spec.export.quantize)}`"
-        + (f", {megabytes(shipped)}" if shipped else "")
+        + int8_variant(parity) + (f", {megabytes(shipped)}" if shipped else "")
         + f"; argmax agreement with the trained model {pct(parity.get('agreement_shipped'))}.")
 
 

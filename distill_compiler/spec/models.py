@@ -210,6 +210,8 @@ class StudentSpec(Section):
 class ExportSpec(Section):
     quantize: Literal["none", "int8", "int4"] = "int8"
     """Weight quantization of the shipped model."""
+    int8_mode: Literal["auto", "dynamic", "static"] = "auto"
+    """`quantize: int8` for classify: dynamic (weights int8, activations quantized on every call), static (QDQ, activation ranges calibrated on the training split), or auto: both, timed on the compiling machine, the faster one that meets `min_parity` ships. Under the gate, export tries reduce_range / Percentile calibration, then keeps the MatMuls that move the logits most in fp32 (at most 8), then (auto, dynamic) blockwise int8 (MatMulNBits, 8 bits, scales per 32 values); parity.json and the report name the variant that shipped."""
     max_length: int = Field(default=128, ge=8)
     """Token limit the runtime truncates inputs to."""
     min_parity: float = Field(default=0.99, gt=0, le=1)

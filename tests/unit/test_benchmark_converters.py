@@ -372,3 +372,16 @@ def test_real_snips_queries_convert_and_validate():
     assert {o["intent"] for _, o in validate} == set(snips.intents())
     texts = " ".join(text for text, _ in train)
     assert "M\u00fasica" in texts and "\u00c3" not in texts  # PlayMusic decoded, not garbled
+
+
+# ============================================================================ machine facts
+
+def test_the_cpu_line_names_the_model_and_its_int8_instructions():
+    harness = load_benchmark("harness")
+    vnni = harness.machine("model name\t: Intel(R) Xeon(R) Processor\n"
+                           "flags\t\t: fpu sse avx2 avx512f avx512_vnni amx_tile amx_int8\n")
+    assert vnni["cpu"] == "Intel(R) Xeon(R) Processor" and vnni["vnni"] and vnni["amx"]
+    assert harness.cpu_line(vnni).endswith(" cores, int8: AVX2, AVX-512, VNNI, AMX")
+    avx2 = harness.machine("model name\t: AMD EPYC\nflags\t\t: fpu avx avx2 fma\n")
+    assert avx2["int8"] == "AVX2" and not avx2["avx512"] and not avx2["vnni"]
+    assert harness.machine("flags\t\t: sse4_2\n")["int8"] == "no AVX2"

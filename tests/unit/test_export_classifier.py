@@ -95,24 +95,59 @@ def test_parity_gate_names_the_figures():
                               "examples (< 99.0%)")
     assert "quantize: none" in err.value.hint
     check_parity(Parity(412, 1.0, 0.99, 1e-6), "int8", 0.99)  # at the threshold: passes
+    with pytest.raises(StageError) as err:  # just under it: enough digits to show it
+        check_parity(Parity(878, 1.0, 869 / 878, 1e-6), "int8", 0.99,
+                     [{"variant": "dynamic", "agreement": 0.986},
+                      {"variant": "dynamic+fp32x7", "agreement": 869 / 878}])
+    assert str(err.value) == ("int8 agrees with the trained model on 98.97% of 878 validation "
+                              "examples (< 99.0%); variants tried: dynamic 98.6%, "
+                              "dynamic+fp32x7 98.97%")
 
 
-def test_parity_gate_fails_the_stage_on_a_barely_trained_model(tmp_path, make_splits,
-                                                               tiny_encoder_dir):
-    # No probe and one epoch at a negligible learning rate leave the random head's logits close
-    # together, so int8 rounding flips some answers: the default 99% gate must refuse it.
+def barely_trained(tmp_path, make_splits, tiny_encoder_dir, **export_section):
+    """No probe and one epoch at a negligible learning rate leave the random head's logits close
+    together, so int8 rounding flips some answers; the export stage's context for it."""
     from distill_compiler.stages import train
 
     splits = make_splits(classify_examples(20), classify_examples(40, offset=20), labels=LABELS)
     spec = tiny_spec(student={"base": str(tiny_encoder_dir), **TINY_STUDENT,
                               "learning_rate": 1e-9, "epochs": 1, "probe": False},
-                     export={"quantize": "int8", "max_length": 32})
+                     export={"quantize": "int8", "max_length": 32, **export_section})
     train.run(stage_context("train", tmp_path / "train", {"curate": splits}, spec))
-    ctx = stage_context("export", tmp_path / "out", {"train": tmp_path / "train", "curate": splits},
-                        spec)
-    with pytest.raises(StageError, match=r"^int8 agrees with the trained model on \d+\.\d% of "
-                                         r"120 validation examples \(< 99\.0%\)$") as err:
+    return stage_context("export", tmp_path / "out", {"train": tmp_path / "train", "curate": splits},
+                         spec)
+
+
+def test_parity_gate_fails_the_stage_when_no_variant_meets_it(tmp_path, make_splits,
+                                                              tiny_encoder_dir, monkeypatch):
+    # A search that has only the default dynamic variant to try must refuse the model at the
+    # default 99% gate, naming what it tried.
+    from distill_compiler.students.classifier import quantize_search
+
+    monkeypatch.setitem(quantize_search.FAMILIES, "dynamic", (quantize_search.Variant("dynamic"),))
+    monkeypatch.setattr(quantize_search, "MAX_FP32_MATMULS", 0)
+    monkeypatch.setitem(quantize_search.LAST_RESORT, "dynamic", ())
+    ctx = barely_trained(tmp_path, make_splits, tiny_encoder_dir, int8_mode="dynamic")
+    with pytest.raises(StageError, match=r"^int8 agrees with the trained model on \d+\.\d+% of "
+                                         r"120 validation examples \(< 99\.0%\); variants "
+                                         r"tried: dynamic \d+\.\d+%$") as err:
         export.run(ctx)
     assert "quantize: none" in err.value.hint and "train longer" in err.value.hint
     parity = json.loads((tmp_path / "out" / "parity.json").read_text())
     assert parity["agreement_fp32"] == 1.0 and parity["agreement_shipped"] < 0.99
+    assert parity["int8"]["variant"] is None and len(parity["int8"]["tried"]) == 1
+
+
+def test_the_search_goes_past_a_default_int8_under_the_gate(tmp_path, make_splits,
+                                                            tiny_encoder_dir):
+    ctx = barely_trained(tmp_path, make_splits, tiny_encoder_dir)
+    try:
+        summary = export.run(ctx)
+    except StageError as err:  # no variant met the gate on this CPU: all are named
+        assert "variants tried: dynamic " in str(err) and "static-percentile" in str(err)
+        return
+    parity = json.loads((tmp_path / "out" / "parity.json").read_text())
+    tried = parity["int8"]["tried"]
+    assert tried[0]["variant"] == "dynamic" and tried[0]["agreement"] < 0.99
+    assert summary["int8_variant"] == parity["int8"]["variant"] == tried[-1]["variant"] != "dynamic"
+    assert parity["agreement_shipped"] == tried[-1]["agreement"] >= 0.99

@@ -91,3 +91,21 @@ def test_nested_and_array_fields_find_their_schema():
     assert model_card.type_text(model_card.schema_at(schema, "who.age")) == "integer or null"
     assert model_card.type_text(model_card.schema_at(schema, "nowhere.else")) == "any"
     assert model_card.within("who.age", "who") and not model_card.within("whom", "who")
+
+
+def test_the_classify_card_names_the_int8_variant():
+    from types import SimpleNamespace
+
+    from distill_compiler.report.model_card import training_section
+
+    spec = SimpleNamespace(student=SimpleNamespace(base="minilm-l6", method="kd"),
+                           export=SimpleNamespace(quantize="int8"))
+    parity = {"quantize": "int8", "agreement_shipped": 0.995, "sizes": {"model.onnx": 23_000_000},
+              "int8": {"mode": "static", "variant": "static-percentile+fp32x2",
+                       "latency_p50_ms": 3.0,
+                       "tried": [{"variant": "static-minmax", "agreement": 0.98},
+                                 {"variant": "static-percentile+fp32x2", "agreement": 0.995}]}}
+    text = training_section(spec, {"train": {}, "parity": parity})
+    assert ("quantization `int8`, variant static-percentile+fp32x2 (int8_mode static; batch-1 p50 "
+            "3.00 ms at export; tried static-minmax 98.0%, static-percentile+fp32x2 99.5%), "
+            "23.0 MB; argmax agreement with the trained model 99.5%.") in text

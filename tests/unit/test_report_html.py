@@ -243,3 +243,14 @@ def test_headless_chromium_renders_the_page(markup, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     # A blank page compresses to a few kB; the charts and tables make it far larger.
     assert len(data) > 50_000
+
+
+def test_the_int8_variant_that_shipped_is_named_with_its_parity_and_latency():
+    report = sample_report()
+    report["parity"]["int8"] = {
+        "mode": "auto", "variant": "static-minmax", "latency_p50_ms": 4.125, "fp32_matmuls": [],
+        "tried": [{"variant": "dynamic", "agreement": 0.986, "latency_ms": 5.2},
+                  {"variant": "static-minmax", "agreement": 0.993, "latency_ms": 4.125}]}
+    text = " ".join(Page(report_html.render(report, "banking", "")).text)
+    assert ("quantization int8, variant static-minmax (int8_mode auto; batch-1 p50 4.12 ms at "
+            "export; tried dynamic 98.6%, static-minmax 99.3%)") in text
