@@ -23,9 +23,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-from harness import DATASETS, WORK, command, compile_spec, cpu_line, write_results
-from harness import write_spec as harness_write_spec  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+import numpy as np
+from harness import (
+    DATASETS,
+    WORK,
+    command,
+    compile_spec,
+    cpu_line,
+    replayed_classify_spec,
+    write_results,
+)
+from harness import write_spec as harness_write_spec
 
 DATA = DATASETS / "banking77" / "banking_data"
 TARGET_ACCURACY = 0.98
@@ -38,28 +46,8 @@ def label_name(category: str) -> str:
 
 def write_spec(workdir: Path) -> Path:
     categories = json.loads((DATA / "categories.json").read_text())
-    intents = "\n".join(
-        f"  - {{name: {label_name(c)}, description: \"{label_name(c).replace('_', ' ').capitalize()}.\"}}"
-        for c in categories)
-    spec = f"""name: banking77
-task: classify
-intents:
-{intents}
-escalation:
-  target_accuracy: {TARGET_ACCURACY}
-teacher:
-  logs: [{DATA / 'train.csv'}]
-data:
-  holdout: 0.08
-  seed: 0
-  pii_scrub: false
-student:
-  base: minilm-l6
-  max_length: 64
-export:
-  quantize: int8
-  max_length: 64
-"""
+    spec = replayed_classify_spec("banking77", [label_name(c) for c in categories],
+                                  DATA / "train.csv", {"target_accuracy": TARGET_ACCURACY})
     return harness_write_spec(workdir, spec,
                               "benchmarks/banking77.py: banking77's train.csv replayed as the teacher log")
 

@@ -21,13 +21,20 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from harness import DATASETS, WORK, command, compile_spec, write_results
+from banking77 import label_name
+from harness import (
+    DATASETS,
+    WORK,
+    command,
+    compile_spec,
+    replayed_classify_spec,
+    write_results,
+)
 from harness import write_spec as harness_write_spec  # harness also sets HF_HUB_OFFLINE
 
 DATA = DATASETS / "banking77-oos"
@@ -37,12 +44,6 @@ OOS_SHARE = 0.20
 SEED = 0
 
 
-def label_name(label: str) -> str:
-    """banking77 spells a few labels loosely (`Refund_not_showing_up`, `reverted_card_payment?`);
-    the log replay matches them to these names up to case and punctuation."""
-    return re.sub(r"[^a-z0-9_]", "", label.lower())
-
-
 def read(name: str) -> tuple[list[str], list[str]]:
     with open(DATA / name, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -50,31 +51,10 @@ def read(name: str) -> tuple[list[str], list[str]]:
 
 
 def write_spec(workdir: Path) -> Path:
-    labels = sorted(set(read("train.csv")[1]))
-    intents = "\n".join(
-        f"  - {{name: {label}, description: \"{label.replace('_', ' ').capitalize()}.\"}}"
-        for label in labels)
-    spec = f"""name: banking77-oos
-task: classify
-intents:
-{intents}
-escalation:
-  target_accuracy: {TARGET_ACCURACY}
-  max_false_out_of_scope: {MAX_FALSE_OUT_OF_SCOPE}
-  expected_out_of_scope: {OOS_SHARE}
-teacher:
-  logs: [{DATA / 'train.csv'}]
-data:
-  holdout: 0.08
-  seed: 0
-  pii_scrub: false
-student:
-  base: minilm-l6
-  max_length: 64
-export:
-  quantize: int8
-  max_length: 64
-"""
+    spec = replayed_classify_spec(
+        "banking77-oos", sorted(set(read("train.csv")[1])), DATA / "train.csv",
+        {"target_accuracy": TARGET_ACCURACY, "max_false_out_of_scope": MAX_FALSE_OUT_OF_SCOPE,
+         "expected_out_of_scope": OOS_SHARE})
     return harness_write_spec(workdir, spec,
                               "benchmarks/banking77_oos.py: banking77-oos's train.csv replayed as the teacher log")
 

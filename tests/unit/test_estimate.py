@@ -8,11 +8,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from cli_runner import cli
 from teacher_server import (
     FakeTeacher,  # tests/ is on sys.path (conftest.py lives there)
 )
 
-from distill_compiler.cli import main
 from distill_compiler.spec.load import parse_spec
 from distill_compiler.stages import generate
 from distill_compiler.teacher import client as teacher_mod
@@ -67,14 +67,6 @@ def write_spec(tmp_path: Path, fake, model: str = "openai/gpt-4o-mini", extra: s
     text = SPEC.format(model=model, api_base=fake.api_base, extra=extra)
     path.write_text(text.replace("per_intent: 20", f"per_intent: {per_intent}"))
     return path
-
-
-def cli(*args) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 def dirs(tmp_path: Path) -> list[str]:
