@@ -6,7 +6,9 @@ on its test.csv, which the compiler never sees.
 Prints (and writes to <workdir>/results.json): test accuracy of the fp32 and int8 students,
 int8 parity, ECE before/after calibration, escalation rate and accepted accuracy at target
 0.98, batch-1 latency p50/p99 at 32 tokens for PyTorch eager, ONNX fp32 and ONNX int8 measured
-side by side in one run, and model sizes. Data: ../shared/datasets/banking77 (CC BY 4.0,
+side by side in one run, and model sizes. With `--set student.layers=3` the full-depth model the
+train stage keeps is exported the same way, and both int8 students are measured side by side
+(test accuracy and latency), so the layer-dropped student is compared to L6 in one run. Data: ../shared/datasets/banking77 (CC BY 4.0,
 PolyAI); read in place, never copied.
 """
 
@@ -94,21 +96,71 @@ def text_of_tokens(tokenizer_path: Path, n_tokens: int) -> str:
 
 
 def measure_latency(artifacts: dict, bundle_dir: Path, text: str, threads: int,
-                    max_length: int) -> dict:
-    """PyTorch eager, ONNX fp32 and ONNX int8 at batch 1 with the same number of threads."""
+                    max_length: int, full_depth: Path | None) -> dict:
+    """PyTorch eager, ONNX fp32 and ONNX int8 at batch 1 with the same number of threads, and
+    the full-depth model's ONNX fp32 and int8 beside them when there is one."""
     import torch
 
     from distill_compiler.runtime.classifier import OnnxClassifier
 
     torch.set_num_threads(threads)
-    tokenizer = artifacts["export"] / "tokenizer.json"
-    fp32 = OnnxClassifier(artifacts["export"] / "model.fp32.onnx", tokenizer, max_length, threads)
-    int8 = OnnxClassifier(bundle_dir / "model.onnx", bundle_dir / "tokenizer.json", max_length, threads)
-    return latency_side_by_side({
-        "pytorch_eager_fp32": torch_runner(artifacts["train"] / "model", max_length),
-        "onnx_fp32": lambda t: fp32.logits([t]),
-        "onnx_int8": lambda t: int8.logits([t]),
-    }, text)
+    exports = {"": artifacts["export"], **({"_full_depth": full_depth} if full_depth else {})}
+    runners = {"pytorch_eager_fp32": torch_runner(artifacts["train"] / "model", max_length)}
+    for suffix, export in exports.items():
+        tokenizer = export / "tokenizer.json"
+        fp32 = OnnxClassifier(export / "model.fp32.onnx", tokenizer, max_length, threads)
+        int8 = OnnxClassifier(export / "model.onnx", tokenizer, max_length, threads)
+        runners[f"onnx_fp32{suffix}"] = one_at_a_time(fp32)
+        runners[f"onnx_int8{suffix}"] = one_at_a_time(int8)
+    return latency_side_by_side(runners, text)
+
+
+def one_at_a_time(classifier):
+    return lambda text: classifier.logits([text])
+
+
+def export_full_depth(artifacts: dict, spec, workdir: Path) -> Path | None:
+    """With student.layers, the train artifact keeps the full-depth model it cut the student
+    from: export and quantize it exactly as the export stage did the shipped one (once; a rerun
+    reuses it), so the two are compared on the same footing."""
+    from distill_compiler.pipeline import Reporter
+    from distill_compiler.runtime.format import text_field_of
+    from distill_compiler.students.classifier.export import export_classifier
+    from distill_compiler.students.classifier.train import FULL_DEPTH
+
+    full = artifacts["train"] / FULL_DEPTH
+    if not full.is_dir():
+        return None
+    out = workdir / "full_depth_export" / artifacts["train"].name
+    if not (out / "parity.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        export_classifier(full, artifacts["curate"], out, spec.export,
+                          text_field_of(spec.input.schema_), Reporter())
+    return out
+
+
+def depth_comparison(full_depth: Path, texts: list[str], gold: list[str], int8_accuracy: float,
+                     max_length: int, train_log: dict, latency: dict) -> dict:
+    """The layer-dropped student against the full-depth one it was cut from, on test."""
+    from distill_compiler.runtime.classifier import OnnxClassifier
+
+    labels = json.loads((full_depth / "labels.json").read_text())
+    full = OnnxClassifier(full_depth / "model.onnx", full_depth / "tokenizer.json", max_length)
+    predicted = [labels[i] for i in full.logits(texts).argmax(-1)]
+    full_accuracy = round(float(np.mean([p == g for p, g in zip(predicted, gold)])), 4)
+    return {
+        "layers": train_log.get("layers", {}).get("kept"), "of": train_log.get("layers", {}).get("of"),
+        "val_agreement": {"full_depth": train_log.get("full_depth_val_agreement"),
+                          "shipped": train_log.get("val_agreement")},
+        "test_accuracy_int8": {"full_depth": full_accuracy, "shipped": int8_accuracy,
+                               "difference_points": round(100 * (int8_accuracy - full_accuracy), 2)},
+        "int8_variant_full_depth": json.loads((full_depth / "parity.json").read_text()).get(
+            "int8", {}).get("variant"),
+        "int8_speedup_vs_full_depth_int8": {
+            k: {stat: round(v["onnx_int8_full_depth"][stat] / v["onnx_int8"][stat], 2)
+                for stat in ("p50_ms", "p99_ms")} for k, v in latency.items()},
+        "sizes_mb": {"full_depth_int8": round((full_depth / "model.onnx").stat().st_size / 1e6, 1)},
+    }
 
 
 def torch_runner(model_dir: Path, max_length: int):
@@ -162,13 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     accepted = [a["route"] == "student" for a in answers]
     accepted_correct = [p == g for p, g, ok in zip(int8_pred, gold, accepted) if ok]
 
+    full_depth = export_full_depth(artifacts, project.spec, args.workdir)
     text32 = text_of_tokens(artifacts["export"] / "tokenizer.json", 32)
     # Speed depends on the CPU's int8 instructions more than on anything else: each latency
     # carries the CPU it was measured on.
     cpu = cpu_line()
-    latency = {f"threads={n}": {"cpu": cpu, **measure_latency(artifacts, project.bundle_dir,
-                                                              text32, n, bundle.policy.max_length)}
-               for n in (1, 2)}
+    latency = {f"threads={n}": {"cpu": cpu, **measure_latency(
+        artifacts, project.bundle_dir, text32, n, bundle.policy.max_length, full_depth)}
+        for n in (1, 2)}
     parity = json.loads((artifacts["export"] / "parity.json").read_text())
 
     results = {
@@ -200,12 +253,17 @@ def main(argv: list[str] | None = None) -> None:
             "onnx_int8": round((project.bundle_dir / "model.onnx").stat().st_size / 1e6, 1),
         },
     }
+    if full_depth:
+        train_log = json.loads((artifacts["train"] / "train_log.json").read_text())
+        results["layer_drop"] = depth_comparison(
+            full_depth, texts, gold, results["test_accuracy"]["int8"], bundle.policy.max_length,
+            train_log, latency)
     write_results(args.workdir, results)
     variant = (parity.get("int8") or {}).get("variant")
     for threads, runs in latency.items():
         print(f"{threads} on {cpu}: " + ", ".join(
             f"{name} {runs[name]['p50_ms']:.2f}/{runs[name]['p99_ms']:.2f} ms p50/p99"
-            for name in ("pytorch_eager_fp32", "onnx_fp32", "onnx_int8"))
+            for name in runs if name != "cpu")
             + f" (int8 variant {variant})")
 
 

@@ -108,9 +108,19 @@ def training_section(spec, report: dict) -> str:
         f"{train.get('params', 'n/a')} parameters; epochs run {train.get('epochs_run', 'n/a')} "
         f"(best {train.get('best_epoch', 'n/a')}), validation agreement "
         f"{pct(train.get('val_agreement'))}.\n"
-        f"- Export: ONNX, quantization `{parity.get('quantize', spec.export.quantize)}`"
+        + layers_line(train)
+        + f"- Export: ONNX, quantization `{parity.get('quantize', spec.export.quantize)}`"
         + int8_variant(parity) + (f", {megabytes(shipped)}" if shipped else "")
         + f"; argmax agreement with the trained model {pct(parity.get('agreement_shipped'))}.")
+
+
+def layers_line(train: dict) -> str:
+    """With student.layers: how deep the shipped encoder is against the model it was cut from."""
+    if not train.get("layers"):
+        return ""
+    return (f"- Layers: {train['layers']}, cut from the fine-tuned full-depth model and "
+            f"distilled from its soft labels; the full-depth model's validation agreement was "
+            f"{pct(train.get('full_depth_val_agreement'))}.\n")
 
 
 def metrics_section(metrics: dict) -> str:

@@ -109,6 +109,9 @@ def check_task_needs(spec: Spec) -> list[Finding]:
     if spec.task == "classify" and spec.student.epochs == 0:
         found.append((("student", "epochs"), "epochs 0 (no training) is for extract/agent",
                       "a classifier needs at least one epoch: set epochs to 1 or more"))
+    if spec.task != "classify" and spec.student.layers is not None:
+        found.append((("student", "layers"), "layers is for classify students",
+                      "drop student.layers; a decoder student keeps its base's depth"))
     if spec.task != "classify" and spec.student.method in ("kd", "ce"):
         found.append((("student", "method"), f"method {spec.student.method} is for classify",
                       "use sft or gkd"))

@@ -181,6 +181,8 @@ class StudentSpec(Section):
     """`method: gkd`: the generalized JSD's beta (0 forward KL, 1 reverse KL; 0.5 is GKD's default)."""
     lora: LoraSpec | None = None
     """Train LoRA adapters (merged before export) instead of all weights."""
+    layers: int | None = Field(default=None, ge=1)
+    """Classify: ship a shallower student with this many encoder layers, cut from the fine-tuned full-depth one (evenly spaced, the top layer kept: minilm-l6 with `layers: 3` keeps layers 2, 4 and 6) and distilled from that model's soft labels, at no teacher cost; about half the latency at 3 of 6 layers. The full-depth model is kept in the train artifact (`full_depth/`). Changing it retrains the train stage."""
     probe: bool = True
     """Classify: fit the head on frozen sentence embeddings before fine-tuning (LP-FT); fine-tuning keeps the probe unless it beats it on validation."""
     epochs: float = Field(default=3, ge=0)

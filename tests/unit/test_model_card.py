@@ -109,3 +109,18 @@ def test_the_classify_card_names_the_int8_variant():
     assert ("quantization `int8`, variant static-percentile+fp32x2 (int8_mode static; batch-1 p50 "
             "3.00 ms at export; tried static-minmax 98.0%, static-percentile+fp32x2 99.5%), "
             "23.0 MB; argmax agreement with the trained model 99.5%.") in text
+
+
+def test_the_classify_card_says_how_deep_the_shipped_encoder_is():
+    from types import SimpleNamespace
+
+    from distill_compiler.report.model_card import training_section
+
+    spec = SimpleNamespace(student=SimpleNamespace(base="minilm-l6", method="kd"),
+                           export=SimpleNamespace(quantize="int8"))
+    parity = {"quantize": "int8", "agreement_shipped": 0.995}
+    cut = training_section(spec, {"train": {"layers": "3 of 6", "val_agreement": 0.93,
+                                            "full_depth_val_agreement": 0.94}, "parity": parity})
+    assert ("- Layers: 3 of 6, cut from the fine-tuned full-depth model and distilled from its "
+            "soft labels; the full-depth model's validation agreement was 94.0%.\n") in cut
+    assert "Layers" not in training_section(spec, {"train": {}, "parity": parity})

@@ -28,6 +28,7 @@ from ...runtime.format import input_text
 from ..device import autocast, pick_device
 from ..quiet import quiet_training_libraries
 from .kd_loss import distillation_loss, soft_targets
+from .layer_drop import cut, depth_of
 from .model import PooledClassifier, load_student
 
 EVAL_BATCH = 64
@@ -38,6 +39,10 @@ PROBE_ITERATIONS = 300
 # The fitted head learns this much faster than the encoder during fine-tuning: the features
 # should move a little towards the task, not be rebuilt around the head (the LP-FT argument).
 HEAD_LR_SCALE = 10.0
+# With student.layers: where the full-depth model is kept in the train artifact, and the
+# summary fields that then describe the shallower model that ships.
+FULL_DEPTH = "full_depth"
+SHIPPED_FIELDS = ("epochs_run", "best_epoch", "val_agreement", "params")
 
 
 # --------------------------------------------------------------------------- data
@@ -147,6 +152,7 @@ def train_classifier(splits_dir: Path, out: Path, student, text_field: str | Non
     labels, train, val = read_splits(splits_dir, text_field)
     set_seed(student.seed)  # before loading: the new head's initialisation draws from it
     model, tokenizer = load_student(student.base, spec_dir, labels)
+    check_layers(student.layers, model)  # before any training, not after the full-depth model
     device = pick_device(student.device)
     model.to(device)
     alpha = 0.0 if student.method == "ce" else student.alpha
@@ -167,12 +173,25 @@ def train_classifier(splits_dir: Path, out: Path, student, text_field: str | Non
     summary = {"device": device.type, "epochs_run": len(history.epochs), "best_epoch": best.epoch,
                "val_agreement": round(best.agreement, 4) if len(val) else None,
                "probe_val_agreement": probe_log and probe_log["val_agreement"],
-               "seconds": round(time.perf_counter() - started, 2),
                "params": sum(p.numel() for p in model.parameters())}
     log = {**summary, "base": student.base, "method": student.method, "alpha": alpha,
            "temperature": student.temperature, "steps": steps, "train_examples": len(train),
            "val_examples": len(val), "stopped_early": steps < total_steps,
            "probe": probe_log, "epochs": [vars(r) for r in history.epochs]}
+    log["seconds"] = round(time.perf_counter() - started, 2)
+    if student.layers:
+        # The full-depth model is kept beside the shipped one: it is this step's teacher, and
+        # what the shallower student's accuracy and speed are measured against.
+        write_checkpoint(out / FULL_DEPTH, model.to("cpu"), tokenizer, labels, log)
+        model.to(device)
+        model, layers_log = distill_layers(model, tokenizer, train, val, student, alpha, device,
+                                           reporter)
+        summary = {**summary, **{k: layers_log[k] for k in SHIPPED_FIELDS},
+                   "layers": f"{len(layers_log['kept'])} of {layers_log['of']}",
+                   "full_depth_val_agreement": summary["val_agreement"]}
+        log = {**log, **summary, "full_depth": log, "layers": layers_log,
+               "epochs": layers_log["epochs"]}
+    summary["seconds"] = log["seconds"] = round(time.perf_counter() - started, 2)
     write_checkpoint(out, model.to("cpu"), tokenizer, labels, log)
     return summary
 
@@ -320,6 +339,43 @@ class Best:
     def of(cls, model, epoch: int, agreement: float) -> "Best":
         return cls(epoch, agreement, {k: v.detach().to("cpu", copy=True)
                                       for k, v in model.state_dict().items()})
+
+
+# --------------------------------------------------------------------------- layer drop
+
+def check_layers(layers: int | None, model: PooledClassifier) -> None:
+    if layers is not None and layers >= (depth := depth_of(model)):
+        raise StageError("train", f"student.layers {layers} is not fewer than the base's "
+                         f"{depth} layers", f"set student.layers to 1..{depth - 1}, or drop it")
+
+
+def distill_layers(full: PooledClassifier, tokenizer, train: Split, val: Split, student,
+                   alpha: float, device: torch.device, reporter
+                   ) -> tuple[PooledClassifier, dict]:
+    """The `student.layers`-layer cut of the fine-tuned `full` model (layer_drop.cut), trained
+    like the full one but on `full`'s soft labels; the cut itself counts as epoch 0, so
+    training only ships if it beats it. Returns the model and what the train log records."""
+    started = time.perf_counter()
+    teacher = torch.softmax(predict_logits(full, tokenizer, train.texts, student.max_length,
+                                           device), dim=-1)
+    small, kept = cut(full, student.layers)
+    depth = depth_of(full)
+    cut_agreement = agreement(predict_logits(small, tokenizer, val.texts, student.max_length,
+                                             device), val.target_ids)
+    reporter.log(f"layers: kept layers {kept} of {depth}"
+                 + (f", val agreement {cut_agreement:.1%} before training" if len(val) else ""))
+    # The hard labels stay the teacher's; the soft ones are now the full-depth model's.
+    own = Split(train.texts, train.targets, train.target_ids, teacher)
+    history, steps, _ = fine_tune(small, tokenizer, own, val, student, alpha, device, reporter,
+                                  Best.of(small, 0, cut_agreement))
+    small.load_state_dict(history.best.weights)
+    return small, {
+        "kept": kept, "of": depth, "cut_val_agreement": round(cut_agreement, 4) if len(val) else None,
+        "epochs_run": len(history.epochs), "best_epoch": history.best.epoch,
+        "val_agreement": round(history.best.agreement, 4) if len(val) else None,
+        "params": sum(p.numel() for p in small.parameters()), "steps": steps,
+        "seconds": round(time.perf_counter() - started, 2),
+        "epochs": [vars(r) for r in history.epochs]}
 
 
 def write_checkpoint(out: Path, model: PooledClassifier, tokenizer, labels: list[str],
