@@ -23,5 +23,9 @@ def int8_variant(parity: dict) -> str:
     if not int8.get("variant"):
         return ""
     tried = ", ".join(f"{t['variant']} {pct(t['agreement'])}" for t in int8.get("tried", []))
+    ms, fp32_ms = int8.get("latency_p50_ms"), int8.get("fp32_latency_p50_ms")
+    against = f" against fp32 {num(fp32_ms, 2)} ms" if fp32_ms is not None else ""
+    slower = ("; slower than fp32 on the compiling machine: `export.quantize: none` ships the "
+              "fp32 graph" if ms is not None and fp32_ms is not None and ms > fp32_ms else "")
     return (f", variant {int8['variant']} (int8_mode {int8.get('mode', 'n/a')}; "
-            f"batch-1 p50 {num(int8.get('latency_p50_ms'), 2)} ms at export; tried {tried})")
+            f"batch-1 p50 {num(ms, 2)} ms{against} at export{slower}; tried {tried})")

@@ -188,3 +188,23 @@ def test_blockwise_is_the_last_resort_of_the_dynamic_modes_only():
     assert names(search)[-2:] == [f"dynamic+fp32x{MAX_FP32_MATMULS}", "blockwise"]
     search = ScriptedSearch({"blockwise": 0.995}, {})
     assert search_int8(search, "static") is None and "blockwise" not in names(search)
+
+
+def test_the_shipped_variant_is_timed_beside_fp32_and_a_slower_one_is_said():
+    from distill_compiler.report.figures import int8_variant
+
+    logged = []
+    search = ScriptedSearch({"blockwise": 0.995}, {"blockwise": 12.0, "fp32": 10.0},
+                            ranking=[f"m{i}" for i in range(20)])
+    search.log = logged.append
+    shipped = search_int8(search, "dynamic")
+    assert (shipped.latency_ms, search.fp32_latency_ms) == (12.0, 10.0)
+    assert "int8 blockwise is slower than fp32 on this machine (12.00 against 10.00" in logged[-1]
+    clause = int8_variant({"int8": {"variant": "blockwise", "mode": "dynamic",
+                                    "latency_p50_ms": 12.0, "fp32_latency_p50_ms": 10.0}})
+    assert "12.00 ms against fp32 10.00 ms at export; slower than fp32" in clause
+
+    search = ScriptedSearch({"dynamic": 1.0}, {"dynamic": 3.0, "fp32": 10.0})
+    search.log = logged.append
+    search_int8(search, "dynamic")
+    assert search.fp32_latency_ms == 10.0 and "slower" not in logged[-1]

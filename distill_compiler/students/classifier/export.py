@@ -210,6 +210,8 @@ def search_classifier_int8(fp32: Path, shipped: Path, out: Path, export, val: li
                      f"({chosen.agreement:.1%}, {chosen.latency_ms:.2f} ms p50 at batch 1)")
     return {"mode": export.int8_mode, "variant": best.variant.name if chosen else None,
             "latency_p50_ms": None if best.latency_ms is None else round(best.latency_ms, 3),
+            "fp32_latency_p50_ms": (None if search.fp32_latency_ms is None
+                                    else round(search.fp32_latency_ms, 3)),
             "fp32_matmuls": list(best.variant.keep_fp32),
             "tried": [t.record() for t in search.tried]}
 

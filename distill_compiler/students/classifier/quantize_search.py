@@ -100,6 +100,7 @@ class Search:
     min_parity: float
     log: Callable[[str], None] = lambda _: None
     tried: list[Trial] = field(default_factory=list)
+    fp32_latency_ms: float | None = None  # timed beside the variant that ships
 
     def build(self, variant: Variant, out: Path, only: Sequence[str] | None = None) -> Path:
         with quiet_export():
@@ -178,6 +179,12 @@ def search_int8(search: Search, mode: str) -> Trial | None:
 
 
 def ship(search: Search, trial: Trial) -> Trial:
-    if trial.latency_ms is None:
-        search.time([trial])
+    """`trial`, timed side by side with the fp32 graph: where int8 has no fast kernels (or a
+    variant keeps many MatMuls in fp32, or quantizes blockwise) it can be the slower of the two,
+    and the user who asked for int8 for speed should hear it."""
+    trial.latency_ms, search.fp32_latency_ms = search.latency_of([trial.path, search.fp32])
+    if trial.latency_ms > search.fp32_latency_ms:
+        search.log(f"export: int8 {trial.variant.name} is slower than fp32 on this machine "
+                   f"({trial.latency_ms:.2f} against {search.fp32_latency_ms:.2f} ms p50 at "
+                   "batch 1); export.quantize: none ships the fp32 graph, 4x larger")
     return trial
