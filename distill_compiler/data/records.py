@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 SOURCES = ("log", "teacher", "augment")
+# The cohorts of teacher-written out-of-scope probes: near the spec's domain and far from it.
+# Curate holds them out of training: they validate and test the out-of-scope detector.
+OUT_OF_SCOPE_NEAR, OUT_OF_SCOPE_FAR = "out_of_scope_near", "out_of_scope_far"
+PROBE_COHORTS = (OUT_OF_SCOPE_NEAR, OUT_OF_SCOPE_FAR)
 
 
 def canonical(value: Any) -> str:

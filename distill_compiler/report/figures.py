@@ -29,3 +29,12 @@ def int8_variant(parity: dict) -> str:
               "fp32 graph" if ms is not None and fp32_ms is not None and ms > fp32_ms else "")
     return (f", variant {int8['variant']} (int8_mode {int8.get('mode', 'n/a')}; "
             f"batch-1 p50 {num(ms, 2)} ms{against} at export{slower}; tried {tried})")
+
+
+def recall_by_cohort(test: dict) -> str:
+    """`(near-domain probes 40.0%, far 95.0%)` from the out-of-scope test figures, or empty."""
+    from ..data.records import OUT_OF_SCOPE_FAR, OUT_OF_SCOPE_NEAR
+
+    names = {OUT_OF_SCOPE_NEAR: "near-domain probes", OUT_OF_SCOPE_FAR: "far probes"}
+    parts = [f"{names.get(c, c)} {pct(r)}" for c, r in (test.get("recall_by_cohort") or {}).items()]
+    return f" ({', '.join(parts)})" if len(parts) > 1 else ""

@@ -13,7 +13,7 @@ import html
 import math
 from dataclasses import dataclass
 
-from .figures import int8_variant, megabytes, num, pct
+from .figures import int8_variant, megabytes, num, pct, recall_by_cohort
 
 LATENCY_BINS = 30
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -463,7 +463,8 @@ def out_of_scope_section(ood: dict, target: float) -> str:
     facts = [f"detector: {esc(ood['detector'] or 'none')} ({esc(ood['why'])})",
              (f"false out-of-scope rate: {pct(val.get('out_of_scope'))} on in-scope validation, "
               f"{pct(test['false_rate'])} on test (allowed {ood['max_false_out_of_scope']:.1%})"),
-             f"out-of-scope recall on test: {pct(test['recall'])}; AUROC {num(test['auroc'])}",
+             (f"out-of-scope recall on test: {pct(test['recall'])}{esc(recall_by_cohort(test))}; "
+              f"AUROC {num(test['auroc'])}"),
              (f"policy.json size of the detector: {ood['policy_bytes'] / 1e3:.1f} kB; "
               f"cost {num(ood['score_ms_per_request'])} ms per request")]
     if ood.get("expected"):

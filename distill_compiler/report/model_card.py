@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from ..spec.models import OUT_OF_SCOPE
-from .figures import int8_variant, megabytes, num, pct
+from .figures import int8_variant, megabytes, num, pct, recall_by_cohort
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -171,7 +171,8 @@ def out_of_scope_lines(ood: dict | None) -> str:
     lines = (f"\n- Out of scope: the {ood['detector']} detector ({ood['why']}) answers "
              f"`{OUT_OF_SCOPE}` above score {num(ood['threshold'], 4)}; on test it flags "
              f"{pct(test['false_rate'])} of in-scope queries"
-             + (f" and {pct(test['recall'])} of out-of-scope ones" if test["recall"] is not None
+             + (f" and {pct(test['recall'])} of out-of-scope ones{recall_by_cohort(test)}"
+                if test["recall"] is not None
                 else "") + ".")
     expected = ood.get("expected")
     if expected:

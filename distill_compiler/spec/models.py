@@ -144,7 +144,7 @@ class DataSpec(Section):
     hard_negatives: int = Field(default=0, ge=0)
     """Hard negatives generated per pair of confusable intents."""
     out_of_scope: int = Field(default=0, ge=0)
-    """Out-of-scope prompts to generate (label `out_of_scope`)."""
+    """Out-of-scope probes the teacher writes and labels: half near the domain (requests this assistant could get that no intent covers), half far (small talk, other services). Those the teacher labels `out_of_scope` go to validation and test only, never to training: they choose the out-of-scope detector and measure its recall (the report gives near and far apart)."""
     noise_copies: int = Field(default=0, ge=0, le=10)
     """Deterministic noisy copies (typos, casing, punctuation) per training example."""
     holdout: float = Field(default=0.15, gt=0, lt=0.5)

@@ -47,7 +47,11 @@ def run(ctx) -> dict:
     if not kept:
         raise StageError("curate", f"no example survived curation: {report.summary()}",
                          "look at the dropped rules in the report; fix the spec or the logs")
-    splits = split(kept, spec.data.holdout, spec.data.seed, stratum(spec.task))
+    probes = [r for r in kept if is_probe(r)]
+    splits = split([r for r in kept if not is_probe(r)], spec.data.holdout, spec.data.seed,
+                   stratum(spec.task))
+    for name, part in split_probes(probes, spec.data.seed).items():
+        splits[name] += part
     if "noise" in spec.data.registers and spec.task == "classify":
         splits["train"] += noise_copies(splits["train"], max(1, spec.data.noise_copies),
                                         spec.data.seed, records.message_field(spec.input.schema_))
@@ -257,6 +261,34 @@ def split(examples: list[dict], holdout: float, seed: int, key) -> dict[str, lis
         out["val"] += group[:held]
         out["test"] += group[held:2 * held]
         out["train"] += group[2 * held:]
+    return out
+
+
+def is_probe(record: dict) -> bool:
+    """A teacher-written out-of-scope probe the teacher also labelled out of scope. The student
+    never trains on these: a head taught an `out_of_scope` class from a few hundred probes
+    learns those probes (Larson et al. 2019: 40 % recall that way, against 52 % for a plain
+    threshold), while the detector, fitted on in-scope embeddings alone, needs them only to be
+    chosen and measured. A probe the teacher labelled as an intent is an ordinary example."""
+    from ..data.records import PROBE_COHORTS
+    from ..spec.models import OUT_OF_SCOPE
+
+    return record.get("cohort") in PROBE_COHORTS and record["target"] == OUT_OF_SCOPE
+
+
+def split_probes(probes: list[dict], seed: int) -> dict[str, list[dict]]:
+    """Out-of-scope probes, per cohort, half to validation (which chooses the detector) and half
+    to test (which measures it); none to train."""
+    out: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for record in probes:
+        groups[record["cohort"]].append(record)
+    for cohort in sorted(groups):
+        group = sorted(groups[cohort], key=lambda r: r["id"])
+        random.Random(f"{seed}:probes:{cohort}").shuffle(group)
+        half = (len(group) + 1) // 2
+        out["val"] += group[:half]
+        out["test"] += group[half:]
     return out
 
 

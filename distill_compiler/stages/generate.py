@@ -20,10 +20,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.records import OUT_OF_SCOPE_FAR, OUT_OF_SCOPE_NEAR
 from ..errors import DistillError, StageError
 from ..spec.models import wants_generation
 
-VERSION = "1"
+VERSION = "2"  # 2: out-of-scope probes in two cohorts, near and far (curate holds them out)
 KIND = "examples"
 KEYED_ON = ("task", "description", "input", "output", "intents", "tools", "scenarios", "refusals",
             "teacher", "data")
@@ -252,8 +253,13 @@ def plan_asks(spec) -> list[Ask]:
         # Look-alikes: a quarter as many as probes, enough to teach where refusal stops.
         asks += spread(math.ceil(data.per_intent / 4), "refusal_lookalike", "refusal_lookalike",
                        {"refusal": refusal, "intents": spec.intents}, None, regs)
-    asks += spread(data.out_of_scope, "out_of_scope", "out_of_scope", {"intents": spec.intents},
+    # Near-domain probes (what this service gets but no intent covers) are the hard ones for the
+    # detector; far ones (small talk, other services) the common ones. Half of each.
+    near = math.ceil(data.out_of_scope / 2)
+    asks += spread(near, OUT_OF_SCOPE_NEAR, "out_of_scope_near", {"intents": spec.intents},
                    "out_of_scope", regs)
+    asks += spread(data.out_of_scope - near, OUT_OF_SCOPE_FAR, "out_of_scope",
+                   {"intents": spec.intents}, "out_of_scope", regs)
     return asks
 
 

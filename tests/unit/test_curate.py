@@ -181,3 +181,19 @@ teacher: {logs: [log.jsonl]}
 def test_nothing_left_is_a_stage_error(tmp_path):
     with pytest.raises(StageError, match="no example survived curation: dropped label 1"):
         curate_run(tmp_path, [record("hello", "nope")])
+
+
+def test_out_of_scope_probes_go_to_validation_and_test_only(tmp_path):
+    probes = [record(f"{message(200 + i)} probe", "out_of_scope", "teacher", "out_of_scope_near")
+              for i in range(6)]
+    # A probe the teacher labelled as an intent is an ordinary example; logged out-of-scope
+    # rows are the user's data and train as before.
+    kept_in = record(f"{message(300)} probe", "billing", "teacher", "out_of_scope_far")
+    logged = [record(f"{message(400 + i)} logged", "out_of_scope") for i in range(3)]
+    out, _ = curate_run(tmp_path, balanced(40) + probes + [kept_in] + logged)
+    split_of = {r["id"]: name for name in ("train", "val", "test") for r in read(out, f"{name}.jsonl")}
+    assert sorted(split_of[p["id"]] for p in probes) == ["test"] * 3 + ["val"] * 3
+    assert [split_of[r["id"]] for r in logged].count("train") == 1
+    billing = json.loads((out / "report.json").read_text())["per_label"]["billing"]
+    assert kept_in["id"] in split_of and sum(billing.values()) == 21  # split with billing's rows
+    assert "out_of_scope" in json.loads((out / "labels.json").read_text())

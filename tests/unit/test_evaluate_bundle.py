@@ -251,5 +251,6 @@ def test_evaluate_ships_a_detector_that_answers_off_topic_messages_out_of_scope(
     assert answer["route"] == "out_of_scope" and answer["output"] == {"intent": "out_of_scope"}
     assert answer["out_of_scope_score"] > policy["out_of_scope"]["threshold"]
     assert answer["reason"].startswith("out of scope: mahalanobis score ")
+    assert report["test"]["recall_by_cohort"] == {"out_of_scope": 1.0}  # the one test row
     html = (tmp_path / "bundle" / "report.html").read_text()
     assert "Out of scope" in html

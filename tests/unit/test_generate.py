@@ -396,3 +396,31 @@ def test_agent_log_replay_keeps_the_tools_the_request_offered(tmp_path):
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
     assert json.loads(first["messages"][1]["tool_calls"][0]["function"]["arguments"]) == {
         "order_id": "A1", "date": "friday"}
+
+
+def test_out_of_scope_probes_come_near_and_far_and_only_validate(tmp_path):
+    # Keywords for no intent: the stand-in labels every probe out_of_scope, as a teacher would.
+    with FakeTeacher({"legal_advice": ["lawyer"]}) as server:
+        text = CLASSIFY.replace("per_intent: 20", "per_intent: 0\n  out_of_scope: 30")
+        spec = spec_of(text, api_base=server.api_base)
+        ctx, _ = run_generate(spec, tmp_path)
+        prompts = ["\n".join(m["content"] for m in b["messages"]) for b in server.bodies
+                   if (b.get("response_format") or {}).get("json_schema", {}).get("name")
+                   == "generated_inputs"]
+    by_cohort = json.loads((ctx.out / "stats.json").read_text())["by_cohort"]
+    assert by_cohort["out_of_scope_near"] == by_cohort["out_of_scope_far"] == 15
+    assert sum("about its own domain" in p for p in prompts) == 2  # one batch per register
+    assert all("- billing: Charges" in p for p in prompts)
+
+    curated = context(curate, spec, tmp_path, {"generate": Artifact(ctx.out, "examples", "d", {})})
+    curate.run(curated)
+    splits = {name: [json.loads(line) for line in (curated.out / f"{name}.jsonl").open()]
+              for name in ("train", "val", "test")}
+    probes = {name: [r for r in part if r["cohort"].startswith("out_of_scope_")]
+              for name, part in splits.items()}
+    assert probes["train"] == []
+    for cohort in ("out_of_scope_near", "out_of_scope_far"):
+        held = [len([r for r in probes[s] if r["cohort"] == cohort]) for s in ("val", "test")]
+        assert held == [8, 7]  # every probe the teacher kept out of scope, half each
+    # What trains as out_of_scope is the spec's own example, which the stand-in does not know.
+    assert {r["cohort"] for r in splits["train"] if r["target"] == "out_of_scope"} == {"seed"}

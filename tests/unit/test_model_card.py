@@ -124,3 +124,12 @@ def test_the_classify_card_says_how_deep_the_shipped_encoder_is():
     assert ("- Layers: 3 of 6, cut from the fine-tuned full-depth model and distilled from its "
             "soft labels; the full-depth model's validation agreement was 94.0%.\n") in cut
     assert "Layers" not in training_section(spec, {"train": {}, "parity": parity})
+
+
+def test_out_of_scope_recall_is_given_per_probe_cohort_when_there_are_several():
+    from distill_compiler.report.figures import recall_by_cohort
+
+    both = {"recall_by_cohort": {"out_of_scope_far": 0.95, "out_of_scope_near": 0.4}}
+    assert recall_by_cohort(both) == " (far probes 95.0%, near-domain probes 40.0%)"
+    assert recall_by_cohort({"recall_by_cohort": {"log": 0.5}}) == ""
+    assert recall_by_cohort({}) == ""

@@ -291,9 +291,15 @@ def test_figures(test: Split, decisions: list) -> dict:
     scores = np.array([np.nan if d.score is None else d.score for d in decisions], dtype=float)
     inside = test.in_scope
     has_scores = len(scores) and not np.isnan(scores).any()
+    cohorts = np.array(test.cohorts, dtype=object)
+    # Near-domain probes, far ones and logged out-of-scope rows are different difficulties: one
+    # recall over all of them says little about the near ones, which are the hard part.
+    by_cohort = {str(c): float(flagged[~inside & (cohorts == c)].mean())
+                 for c in sorted(set(cohorts[~inside]))}
     return {"n_in_scope": int(inside.sum()), "n_out_of_scope": int((~inside).sum()),
             "false_rate": float(flagged[inside].mean()) if inside.any() else None,
             "recall": float(flagged[~inside].mean()) if (~inside).any() else None,
+            "recall_by_cohort": by_cohort,
             "auroc": ood.auroc(scores[inside], scores[~inside]) if has_scores else None}
 
 
