@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-VERSION = "3"  # 2: the classifier graph outputs the pooled embedding too; 3: int8 is searched for
-# (quantize_search), parity.json records the variant
+VERSION = "4"  # 2: the classifier graph outputs the pooled embedding too; 3: int8 is searched for
+# (quantize_search), parity.json records the variant; 4: and fp32's latency beside it
 KIND = "onnx"
 # input: which field the parity texts come from; description, output and tools: the system
 # turn of the extract/agent parity prompts.
