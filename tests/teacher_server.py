@@ -15,7 +15,8 @@ teacher that understands the built-in prompt templates:
 Faults are injected per request, in order (`inject("ok", "429", "500", ...)`; "ok" passes one
 request through untouched), or for every request
 (`broken = True`): 429 with Retry-After, 500, a timeout (sleeps past the client's timeout),
-malformed JSON and schema-invalid answers. `hits` counts every HTTP request received, `max_in_flight` the most served at once (also
+malformed JSON and schema-invalid answers. `hits` counts every HTTP request received (`authorizations` holds their
+Authorization headers), `max_in_flight` the most served at once (also
 served at `GET /stats`, and `GET /stats/reset` zeroes them, for a client in another process).
 
 For crash drills, `hold_after = n` answers the first n requests and holds every later one
@@ -54,6 +55,7 @@ class FakeTeacher:
         self.hits = 0
         self.in_flight = self.max_in_flight = 0
         self.bodies: list[dict] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self._faults: deque[str] = deque()
         self.hold_after: int | None = None
         self.admitted = self.answered = self.held = 0
@@ -243,6 +245,7 @@ def _handler(teacher: FakeTeacher):
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            teacher.authorizations.append(self.headers.get("Authorization"))
             fault = teacher._take(body)
             try:
                 self._answer(body, fault)

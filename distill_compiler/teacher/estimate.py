@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import FILENAME, RequestCache
-from .client import Reply, Request, cached_reply
+from .client import AnswerKeys, Reply, Request
 
 # litellm fetches its price map from the network at import time unless told not to.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -157,22 +157,36 @@ class _Kind:
 
 
 class DryTeacher:
-    """Stands where `Teacher` stands (`complete`, `key`) and counts instead of sending."""
+    """Stands where `Teacher` stands (`complete`, `key`) and counts instead of sending.
 
-    def __init__(self, model: str, api_base: str | None, cache: RequestCache | None,
-                 stand_in: Callable[[Request], StandIn]):
-        self.model, self.api_base, self.cache, self.stand_in = model, api_base, cache, stand_in
+    `keys` (client.AnswerKeys) finds an answer cached from any of the teacher's models, as the
+    Teacher does; what is not cached is counted, tokens and price, for the model asked first
+    (the fallbacks answer only when it fails). `priced_as` names the litellm strings to look
+    that model's price up by, in order (a deployment's own string, e.g. `azure/my-gpt-4o`,
+    when the model name is not in the cost map)."""
+
+    def __init__(self, keys: AnswerKeys, cache: RequestCache | None,
+                 stand_in: Callable[[Request], StandIn], priced_as: tuple[str, ...] = ()):
+        self.keys, self.cache, self.stand_in = keys, cache, stand_in
+        self.model = keys.models[0]
+        self.priced_as = (self.model, *priced_as)
         self._kinds: dict[str, _Kind] = {}
         self._seen: dict[str, Reply] = {}  # requests already counted as sent, by key
 
+    @classmethod
+    def for_teacher(cls, config, cache: RequestCache | None,
+                    stand_in: Callable[[Request], StandIn]) -> DryTeacher:
+        first = AnswerKeys.of(config).models[0]
+        own = tuple(d.model for d in config.deployments if d.served == first)
+        return cls(AnswerKeys.of(config), cache, stand_in, own)
+
     def key(self, request: Request) -> str:
-        return request.key(self.model, self.api_base)
+        return self.keys.key(request)
 
     async def complete(self, request: Request) -> Reply:
         key = self.key(request)
         kind = self._kinds.setdefault(request.kind, _Kind(KindCount(request.kind)))
-        hit = self.cache.get(key) if self.cache is not None else None
-        reply = cached_reply(key, hit) if hit is not None else None
+        reply = self.keys.lookup(self.cache, request)
         if reply is not None or key in self._seen:
             # The real Teacher pays once for identical requests: the repeat is a cache hit.
             kind.count.cached += 1
@@ -189,8 +203,8 @@ class DryTeacher:
         return self._seen[key]
 
     def estimate(self) -> Estimate:
-        return Estimate(self.model, [output_estimate(k) for k in self._kinds.values()],
-                        price_of(self.model))
+        price = next(filter(None, map(price_of, dict.fromkeys(self.priced_as))), None)
+        return Estimate(self.model, [output_estimate(k) for k in self._kinds.values()], price)
 
 
 def output_estimate(kind: _Kind) -> KindCount:
