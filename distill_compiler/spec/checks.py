@@ -15,6 +15,9 @@ from .models import OUT_OF_SCOPE, Spec, wants_generation
 # --------------------------------------------------------------------------- cross-field rules
 
 Finding = tuple[tuple, str, str | None]  # (path, message, hint)
+# The models litellm's batch support reaches through an OpenAI-style /v1/batches endpoint
+# (teacher/batch.py); other providers' batch APIs differ in shape.
+BATCH_PREFIX = "openai/"
 
 
 def check_spec(spec: Spec) -> list[Finding]:
@@ -158,6 +161,11 @@ def check_teacher(spec: Spec) -> list[Finding]:
         found = check_deployments(spec)
         if found:
             return found
+    if t.batch and (t.deployments or (t.model and not t.model.startswith(BATCH_PREFIX))):
+        where = ("teacher", "deployments") if t.deployments else ("teacher", "model")
+        hint = (f"use an {BATCH_PREFIX} teacher.model, at any OpenAI-compatible api_base, "
+                "or set teacher.batch: false")
+        return [(where, "teacher.batch goes through one OpenAI-style batch endpoint", hint)]
     if not t.logs and not t.models:
         return [(("teacher",), "no teacher model and no logs",
                  "set teacher.model, teacher.deployments or teacher.logs")]

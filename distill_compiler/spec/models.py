@@ -21,7 +21,7 @@ OUT_OF_SCOPE = "out_of_scope"
 # raising a budget or the concurrency does not rebuild anything.
 NOT_KEYED = {
     "teacher": {"max_concurrency", "max_retries", "timeout_s", "budget_usd", "max_requests",
-                "confirm_over_usd"},
+                "confirm_over_usd", "batch", "batch_poll_s"},
     "student": {"device"},
 }
 # The same for each of teacher.deployments: how fast a deployment may be driven, not what it answers.
@@ -149,6 +149,10 @@ class TeacherSpec(Section):
     """Hard cap on paid (uncached) requests for this compile."""
     confirm_over_usd: float | None = Field(default=None, ge=0)
     """Ask first: `distill compile` stops before its first paid teacher request when the estimate (`distill plan`: requests not in the cache, tokens, litellm's prices) exceeds this, or when the model's price is unknown; `--yes` proceeds."""
+    batch: bool = False
+    """Send the requests through the provider's batch endpoint (OpenAI-style `/v1/files` + `/v1/batches`, through litellm) at the batch price, instead of one at a time: slower (the provider has 24 hours) and cheaper. Needs an `openai/` model (any OpenAI-compatible server with `api_base`). A batch's id is kept in the teacher cache before it is polled, so a compile killed meanwhile resumes polling it; its answers land in the same per-request cache."""
+    batch_poll_s: float = Field(default=30, gt=0)
+    """Seconds between polls of a running batch (`batch: true`)."""
     soft_labels: Literal["logprobs", "samples", "none"] = "logprobs"
     """Where classification soft labels come from: token logprobs, n sampled votes, or none."""
     samples: int = Field(default=5, ge=1, le=50)

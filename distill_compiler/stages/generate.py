@@ -83,7 +83,12 @@ async def _generate(ctx):
     if cache.recovered:
         ctx.log(f"generate: {cache.recovered}")
     try:
-        teacher = Teacher(spec.teacher, cache)
+        if spec.teacher.batch:
+            from ..teacher.batch import BatchTeacher
+
+            teacher = BatchTeacher(spec.teacher, cache, log=ctx.log)
+        else:
+            teacher = Teacher(spec.teacher, cache)
         generator = Generator(spec, teacher, Prompts(templates))
         progress = ctx.reporter.progress("teacher", None)
         try:

@@ -2,7 +2,8 @@
 
 One `Teacher` serves any provider string litellm knows (`openai/...`, `anthropic/...`,
 `ollama/...`, or any OpenAI-compatible `api_base`), or several deployments through litellm's
-Router (`teacher.deployments`, teacher/router.py). Each request is looked up in the
+Router (`teacher.deployments`, teacher/router.py); `BatchTeacher` (teacher/batch.py) sends
+the same requests through the provider's batch endpoint instead (`teacher.batch`). Each request is looked up in the
 per-request cache first (teacher/cache.py); only misses are sent, at most
 `max_concurrency` at a time, and each answer is committed to the cache the moment it
 arrives, so an interrupted build keeps everything it paid for.
@@ -272,18 +273,22 @@ class Teacher:
             try:
                 return await self.route.acompletion(**kwargs)
             except Exception as exc:  # noqa: BLE001 (litellm maps every provider error onto its own classes)
-                if not _retryable(exc):
-                    self.halted = StageError(
-                        "generate", f"the teacher refused a request: {_describe(exc)}", _hint(exc))
-                    raise self.halted from None
-                if attempt == self.max_retries:
-                    self.halted = StageError(
-                        "generate", f"teacher request failed after {attempt + 1} attempts: "
-                        f"{_describe(exc)}; {self.usage.describe()}",
-                        "completed requests are cached; rerun when the provider recovers, "
-                        "or raise teacher.max_retries / teacher.timeout_s")
-                    raise self.halted from None
+                self._halt_unless_retryable(exc, attempt)
                 await asyncio.sleep(self.backoff.delay(attempt, _retry_after(exc)))
+
+    def _halt_unless_retryable(self, exc: Exception, attempt: int) -> None:
+        """Return when `exc` is worth another attempt; else halt the build with it."""
+        if not _retryable(exc):
+            self.halted = StageError(
+                "generate", f"the teacher refused a request: {_describe(exc)}", _hint(exc))
+            raise self.halted from None
+        if attempt == self.max_retries:
+            self.halted = StageError(
+                "generate", f"teacher request failed after {attempt + 1} attempts: "
+                f"{_describe(exc)}; {self.usage.describe()}",
+                "completed requests are cached; rerun when the provider recovers, "
+                "or raise teacher.max_retries / teacher.timeout_s")
+            raise self.halted from None
 
     def _reply(self, key: str, model: str, response) -> Reply:
         import litellm
@@ -340,6 +345,8 @@ class Direct:
 def _retryable(exc: Exception) -> bool:
     import litellm
 
+    if getattr(exc, "retryable", None) is not None:  # errors that know (teacher/batch.py)
+        return exc.retryable
     if isinstance(exc, (litellm.RateLimitError, litellm.Timeout, litellm.APIConnectionError,
                         asyncio.TimeoutError)):
         return True
