@@ -15,8 +15,19 @@ teacher that understands the built-in prompt templates:
 Faults are injected per request, in order (`inject("ok", "429", "500", ...)`; "ok" passes one
 request through untouched), or for every request
 (`broken = True`): 429 with Retry-After, 500, a timeout (sleeps past the client's timeout),
-malformed JSON and schema-invalid answers. `hits` counts every HTTP request received, `max_in_flight` the most served at once (also
+malformed JSON and schema-invalid answers. `hits` counts every HTTP request received (`authorizations` holds their
+Authorization headers), `max_in_flight` the most served at once (also
 served at `GET /stats`, and `GET /stats/reset` zeroes them, for a client in another process).
+
+Batch endpoints (OpenAI-style, what litellm's create_file / create_batch / retrieve_batch /
+file_content call): `POST /v1/files` (multipart JSONL upload), `POST /v1/batches`,
+`GET /v1/batches/{id}` and `GET /v1/files/{id}/content`, in `BatchDesk` (`server.batch`). A
+batch is answered line by line as the chat endpoint would answer it, after `polls` retrieves
+that report it in progress, or never while `hold` is set (a crash drill kills the client
+then). Line faults are injected in order (`batch.inject("ok", "500", "429", "drop", ...)`:
+an error line in the error file, or a line missing from both files), and
+`batch.fail_next = "failed" | "expired"` ends the next batch without output. It counts what
+it is paid: `created` batches, `paid` answered lines, `paid_prompts` per request body.
 
 For crash drills, `hold_after = n` answers the first n requests and holds every later one
 unanswered (counted in `held`) until `release_held()`, which drops them without an answer;
@@ -54,12 +65,14 @@ class FakeTeacher:
         self.hits = 0
         self.in_flight = self.max_in_flight = 0
         self.bodies: list[dict] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self._faults: deque[str] = deque()
         self.hold_after: int | None = None
         self.admitted = self.answered = self.held = 0
         self.answered_prompts: Counter[str] = Counter()
         self._released = threading.Event()
         self._lock = threading.Lock()
+        self.batch = BatchDesk(self)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -184,6 +197,108 @@ class FakeTeacher:
                 "function": {"name": fn["name"], "arguments": json.dumps(args)}}
         return None, [call]
 
+BATCH_FAULTS = ("ok", "500", "429", "400", "drop")
+
+
+class BatchDesk:
+    """The batch API of a FakeTeacher: uploaded files, batches and what they were paid."""
+
+    def __init__(self, teacher: FakeTeacher):
+        self.teacher = teacher
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.polls = 1  # retrieves that answer "in_progress" before a batch completes
+        self.hold = False
+        self.fail_next: str | None = None
+        self.created = self.paid = self.retrieves = 0
+        self.paid_prompts: Counter[str] = Counter()
+        self._faults: deque[str] = deque()
+        self._lock = threading.Lock()
+
+    def inject(self, *faults: str) -> None:
+        assert all(f in BATCH_FAULTS for f in faults), faults
+        with self._lock:
+            self._faults.extend(faults)
+
+    def upload(self, content: bytes) -> dict:
+        with self._lock:
+            file_id = f"file-{len(self.files) + 1}"
+            self.files[file_id] = content
+        return {"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
+                "filename": "batch.jsonl", "purpose": "batch", "status": "processed"}
+
+    def create(self, body: dict) -> dict:
+        with self._lock:
+            self.created += 1
+            batch_id = f"batch_{self.created}"
+            self.batches[batch_id] = {
+                "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                "input_file_id": body["input_file_id"], "completion_window": "24h",
+                "status": "in_progress", "output_file_id": None, "error_file_id": None,
+                "created_at": 0, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                "metadata": body.get("metadata"), "_polls": 0}
+            return self._public(batch_id)
+
+    def retrieve(self, batch_id: str) -> dict | None:
+        with self._lock:
+            self.retrieves += 1
+            batch = self.batches.get(batch_id)
+            if batch is None:
+                return None
+            if batch["status"] == "in_progress" and not self.hold:
+                batch["_polls"] += 1
+                if batch["_polls"] > self.polls:
+                    self._finish(batch)
+            return self._public(batch_id)
+
+    def _public(self, batch_id: str) -> dict:
+        return {k: v for k, v in self.batches[batch_id].items() if not k.startswith("_")}
+
+    def _finish(self, batch: dict) -> None:
+        """Answer every line of the batch's input file (under self._lock)."""
+        if self.fail_next:
+            batch["status"], self.fail_next = self.fail_next, None
+            return
+        lines = [json.loads(line) for line in self.files[batch["input_file_id"]].splitlines()
+                 if line.strip()]
+        out, errors = [], []
+        for i, line in enumerate(lines):
+            fault = self._faults.popleft() if self._faults else "ok"
+            row = {"id": f"batch_req_{batch['id']}_{i}", "custom_id": line["custom_id"]}
+            if fault == "drop":
+                continue
+            if fault != "ok":
+                errors.append({**row, "response": {"status_code": int(fault), "body": {
+                    "error": {"message": f"injected {fault}", "type": "server_error"}}},
+                    "error": None})
+                continue
+            answer = self.teacher.answer(line["body"], None)
+            out.append({**row, "response": {"status_code": 200, "request_id": row["id"],
+                                            "body": answer}, "error": None})
+            self.paid += 1
+            self.paid_prompts[_digest(line["body"])] += 1
+        batch["request_counts"] = {"total": len(lines), "completed": len(out),
+                                   "failed": len(errors)}
+        batch["status"] = "completed"
+        for name, rows in (("output_file_id", out), ("error_file_id", errors)):
+            if rows:
+                file_id = f"file-{len(self.files) + 1}"
+                self.files[file_id] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+                batch[name] = file_id
+
+
+def multipart_file(content_type: str, data: bytes) -> bytes:
+    """The `file` part of a multipart/form-data upload."""
+    import email.parser
+    import email.policy
+
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + data)
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "file":
+            return part.get_payload(decode=True)
+    raise ValueError("no file part in the upload")
+
 
 def instance(schema: dict, text: str):
     """The smallest value valid for `schema`, filled from the words of `text`."""
@@ -234,7 +349,15 @@ def _handler(teacher: FakeTeacher):
             pass
 
         def do_GET(self) -> None:
-            """`GET /stats`: the counters, for a client in another process (benchmarks)."""
+            """`GET /stats`: the counters, for a client in another process (benchmarks);
+            `GET /v1/batches/{id}` and `GET /v1/files/{id}/content`: the batch API."""
+            path = self.path.split("?")[0]
+            if m := re.fullmatch(r".*/batches/([^/]+)", path):
+                batch = teacher.batch.retrieve(m.group(1))
+                return self._send(200, batch) if batch else self._send(404, {"error": {
+                    "message": "no such batch", "type": "invalid_request_error"}})
+            if m := re.fullmatch(r".*/files/([^/]+)/content", path):
+                return self._send_bytes(teacher.batch.files[m.group(1)])
             with teacher._lock:
                 stats = {"hits": teacher.hits, "max_in_flight": teacher.max_in_flight}
                 if self.path.endswith("/reset"):
@@ -242,7 +365,14 @@ def _handler(teacher: FakeTeacher):
             self._send(200, stats)
 
         def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            data = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path.endswith("/files"):
+                return self._send(200, teacher.batch.upload(
+                    multipart_file(self.headers["Content-Type"], data)))
+            if self.path.endswith("/batches"):
+                return self._send(200, teacher.batch.create(json.loads(data)))
+            body = json.loads(data)
+            teacher.authorizations.append(self.headers.get("Authorization"))
             fault = teacher._take(body)
             try:
                 self._answer(body, fault)
@@ -267,13 +397,17 @@ def _handler(teacher: FakeTeacher):
             if self._send(200, teacher.answer(body, fault)):
                 teacher._answered(body)
 
-        def _send(self, status: int, payload: dict, headers: dict | None = None) -> bool:
-            data = json.dumps(payload).encode()
+        def _send_bytes(self, data: bytes) -> bool:
+            return self._send(200, None, {"Content-Type": "application/octet-stream"}, data)
+
+        def _send(self, status: int, payload: dict | None, headers: dict | None = None,
+                  data: bytes | None = None) -> bool:
+            data = json.dumps(payload).encode() if data is None else data
+            headers = {"Content-Type": "application/json", **(headers or {})}
             try:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
+                for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)

@@ -83,13 +83,16 @@ class Trigger:
 def routing_fields(escalation, refusals, teacher) -> dict:
     """The policy.json fields both students' policies share, from the spec's escalation,
     refusals and teacher sections: trigger patterns, refusal responses and where escalations
-    go. The key stays in the environment variable `api_key_env` names."""
+    go. The key stays in the environment variable `api_key_env` names. With
+    teacher.deployments, escalations go to the first deployment: the server calls one model
+    directly (it has no router)."""
+    target = teacher.deployments[0] if teacher.deployments else teacher
     return {
         "triggers": [{"pattern": t.pattern, "reason": t.reason or t.pattern}
                      for t in escalation.triggers],
         "refusals": {r.name: r.response for r in refusals},
-        "teacher": {"model": teacher.model, "api_base": teacher.api_base,
-                    "api_key_env": teacher.api_key_env},
+        "teacher": {"model": target.model, "api_base": target.api_base,
+                    "api_key_env": target.api_key_env},
     }
 
 

@@ -15,6 +15,9 @@ from .models import OUT_OF_SCOPE, Spec, wants_generation
 # --------------------------------------------------------------------------- cross-field rules
 
 Finding = tuple[tuple, str, str | None]  # (path, message, hint)
+# The models litellm's batch support reaches through an OpenAI-style /v1/batches endpoint
+# (teacher/batch.py); other providers' batch APIs differ in shape.
+BATCH_PREFIX = "openai/"
 
 
 def check_spec(spec: Spec) -> list[Finding]:
@@ -157,12 +160,43 @@ def check_escalation(spec: Spec) -> list[Finding]:
 def check_teacher(spec: Spec) -> list[Finding]:
     t = spec.teacher
     generation = wants_generation(spec.task, spec.data, spec.scenarios)
-    if not t.logs and not t.model:
-        return [(("teacher",), "no teacher model and no logs", "set teacher.model or teacher.logs")]
-    if generation and not t.model:
+    if t.deployments:
+        found = check_deployments(spec)
+        if found:
+            return found
+    if t.batch and (t.deployments or (t.model and not t.model.startswith(BATCH_PREFIX))):
+        where = ("teacher", "deployments") if t.deployments else ("teacher", "model")
+        hint = (f"use an {BATCH_PREFIX} teacher.model, at any OpenAI-compatible api_base, "
+                "or set teacher.batch: false")
+        return [(where, "teacher.batch goes through one OpenAI-style batch endpoint", hint)]
+    if not t.logs and not t.models:
+        return [(("teacher",), "no teacher model and no logs",
+                 "set teacher.model, teacher.deployments or teacher.logs")]
+    if generation and not t.models:
         return [(("teacher", "model"), "data generation asks for a live teacher",
                  "set teacher.model, or set data.per_intent/hard_negatives/out_of_scope to 0")]
     return []
+
+
+def check_deployments(spec: Spec) -> list[Finding]:
+    """teacher.deployments replaces teacher.model and the connection fields beside it: each
+    deployment carries its own, so one set at the teacher level would be ambiguous."""
+    t = spec.teacher
+    found = []
+    for name in ("model", "api_base", "api_key_env"):
+        if getattr(t, name) is not None:
+            found.append((("teacher", name), f"teacher.{name} is set beside teacher.deployments",
+                          "list it as a deployment instead" if name == "model"
+                          else "set it on each deployment instead"))
+    seen: dict[tuple, int] = {}
+    for i, d in enumerate(t.deployments):
+        first = seen.setdefault((d.model, d.api_base), i)
+        if first != i:
+            where = d.api_base or "its default endpoint"
+            found.append((("teacher", "deployments", i),
+                          f"the same deployment as teacher.deployments[{first}] ({d.model} at {where})",
+                          "remove one, or give it another api_base"))
+    return found
 
 
 def _choices(name: str, options: set[str]) -> str:

@@ -21,9 +21,11 @@ OUT_OF_SCOPE = "out_of_scope"
 # raising a budget or the concurrency does not rebuild anything.
 NOT_KEYED = {
     "teacher": {"max_concurrency", "max_retries", "timeout_s", "budget_usd", "max_requests",
-                "confirm_over_usd"},
+                "confirm_over_usd", "batch", "batch_poll_s"},
     "student": {"device"},
 }
+# The same for each of teacher.deployments: how fast a deployment may be driven, not what it answers.
+NOT_KEYED_DEPLOYMENT = {"max_concurrency", "rpm", "tpm"}
 CAUSAL_TASKS = ("extract", "agent")
 # Student fields whose default differs for the decoder tasks (StudentSpec holds classify's).
 CAUSAL_DEFAULTS = {"base": "smollm2-135m", "method": "sft"}
@@ -103,9 +105,32 @@ class EscalationSpec(Section):
     """Share of live traffic expected to be out of scope; the report states the cascade's accepted accuracy, escalation and cost at that share (classify)."""
 
 
+class DeploymentSpec(Section):
+    model: str = Field(min_length=1)
+    """The litellm model string this deployment is called with (`openai/gpt-4o`, `azure/my-gpt-4o`, `hosted_vllm/...`)."""
+    serves: str | None = None
+    """The model it serves, when its litellm string names a deployment rather than the model (`azure/my-gpt-4o` serves `openai/gpt-4o`); defaults to `model`. Deployments serving the same model share load and cache entries; the first model listed is asked first, the others are fallbacks in order."""
+    api_base: str | None = None
+    """Base URL of this deployment (an OpenAI-compatible server, an Azure resource...)."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding this deployment's API key."""
+    max_concurrency: int | None = Field(default=None, ge=1, le=512)
+    """Requests in flight to this deployment at once (litellm's `max_parallel_requests`); `teacher.max_concurrency` still bounds them all together."""
+    rpm: int | None = Field(default=None, ge=1)
+    """Requests per minute this deployment allows: litellm's router weights its choice among deployments of a model by it (give every deployment of a model an rpm, or none) and, without `max_concurrency`, keeps at most this many requests in flight to it."""
+    tpm: int | None = Field(default=None, ge=1)
+    """Tokens per minute this deployment allows; litellm's router weights by it where no deployment of the model has an rpm."""
+
+    @property
+    def served(self) -> str:
+        return self.serves or self.model
+
+
 class TeacherSpec(Section):
     model: str | None = None
-    """Any litellm model string (`openai/gpt-4o`, `anthropic/claude-...`, `ollama/llama3`); omit to replay logs only."""
+    """Any litellm model string (`openai/gpt-4o`, `anthropic/claude-...`, `ollama/llama3`); omit to replay logs only, or to list `deployments` instead."""
+    deployments: tuple[DeploymentSpec, ...] = ()
+    """Several deployments instead of one `model`, served through litellm's Router: load spread over the deployments of a model, a failing one skipped, and the models after the first tried in order when every deployment of the one before fails. Each answer is cached under the model that gave it, whichever of its deployments served it."""
     api_base: str | None = None
     """Base URL of an OpenAI-compatible server."""
     api_key_env: str | None = None
@@ -124,6 +149,10 @@ class TeacherSpec(Section):
     """Hard cap on paid (uncached) requests for this compile."""
     confirm_over_usd: float | None = Field(default=None, ge=0)
     """Ask first: `distill compile` stops before its first paid teacher request when the estimate (`distill plan`: requests not in the cache, tokens, litellm's prices) exceeds this, or when the model's price is unknown; `--yes` proceeds."""
+    batch: bool = False
+    """Send the requests through the provider's batch endpoint (OpenAI-style `/v1/files` + `/v1/batches`, through litellm) at the batch price, instead of one at a time: slower (the provider has 24 hours) and cheaper. Needs an `openai/` model (any OpenAI-compatible server with `api_base`). A batch's id is kept in the teacher cache before it is polled, so a compile killed meanwhile resumes polling it; its answers land in the same per-request cache."""
+    batch_poll_s: float = Field(default=30, gt=0)
+    """Seconds between polls of a running batch (`batch: true`)."""
     soft_labels: Literal["logprobs", "samples", "none"] = "logprobs"
     """Where classification soft labels come from: token logprobs, n sampled votes, or none."""
     samples: int = Field(default=5, ge=1, le=50)
@@ -132,6 +161,14 @@ class TeacherSpec(Section):
     """Recorded teacher traffic to replay as data (JSONL chat logs, or CSV/JSONL `{input, label}` rows), relative to the spec."""
     templates: str | None = None
     """Folder of Jinja2 prompt templates overriding the built-in ones, relative to the spec."""
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models answers may come from, in the order they are asked: `model`, or the
+        models the deployments serve, in the order they are first listed."""
+        if self.deployments:
+            return tuple(dict.fromkeys(d.served for d in self.deployments))
+        return (self.model,) if self.model else ()
 
 
 class DataSpec(Section):
@@ -301,8 +338,19 @@ def keyed_values(spec, sections: tuple[str, ...]) -> dict[str, Any]:
         value = to_jsonable_python(getattr(spec, section), by_alias=True)
         if isinstance(value, dict) and section in NOT_KEYED:
             value = {k: v for k, v in value.items() if k not in NOT_KEYED[section]}
+        if section == "teacher":
+            value = _keyed_teacher(value)
         out[section] = value
     return out
+
+
+def _keyed_teacher(value: dict) -> dict:
+    """The teacher section's keyed value: deployments without their NOT_KEYED_DEPLOYMENT
+    fields, and left out while empty, so that a spec written before deployments existed keeps
+    its stage keys (and its cached stages)."""
+    deployments = [{k: v for k, v in d.items() if k not in NOT_KEYED_DEPLOYMENT}
+                   for d in value.pop("deployments", ())]
+    return {**value, "deployments": deployments} if deployments else value
 
 
 def class_labels(intents: tuple[IntentSpec, ...], refusals: tuple[RefusalSpec, ...]) -> tuple[str, ...]:

@@ -54,7 +54,7 @@ def run(ctx) -> dict:
     stats = {"requests": 0, "cached": 0, "cost_usd": 0.0, "prompt_tokens": 0,
              "completion_tokens": 0, "rejected": {}}
     # A model named only for serving escalations is not contacted by a logs-only build.
-    if spec.teacher.model and wants_generation(spec.task, spec.data, spec.scenarios):
+    if spec.teacher.models and wants_generation(spec.task, spec.data, spec.scenarios):
         generated, usage, rejected = asyncio.run(_generate(ctx))
         examples += generated
         stats.update(requests=usage.requests, cached=usage.cached,
@@ -84,7 +84,12 @@ async def _generate(ctx):
     if cache.recovered:
         ctx.log(f"generate: {cache.recovered}")
     try:
-        teacher = Teacher(spec.teacher, cache)
+        if spec.teacher.batch:
+            from ..teacher.batch import BatchTeacher
+
+            teacher = BatchTeacher(spec.teacher, cache, log=ctx.log)
+        else:
+            teacher = Teacher(spec.teacher, cache)
         generator = Generator(spec, teacher, Prompts(templates))
         progress = ctx.reporter.progress("teacher", None)
         try:
@@ -100,7 +105,7 @@ async def _generate(ctx):
 def estimate(spec, spec_dir: Path, cache_root: Path):
     """What run() would ask the teacher, counted without sending anything: an `Estimate`
     (teacher/estimate.py), or None when this spec sends the teacher nothing."""
-    if not (spec.teacher.model and wants_generation(spec.task, spec.data, spec.scenarios)):
+    if not (spec.teacher.models and wants_generation(spec.task, spec.data, spec.scenarios)):
         return None
     return asyncio.run(_estimate(spec, spec_dir, cache_root))
 
@@ -112,7 +117,7 @@ async def _estimate(spec, spec_dir: Path, cache_root: Path):
     templates = spec_dir / spec.teacher.templates if spec.teacher.templates else None
     cache = open_cache(cache_root)
     try:
-        teacher = DryTeacher(spec.teacher.model, spec.teacher.api_base, cache, stand_in(spec))
+        teacher = DryTeacher.for_teacher(spec.teacher, cache, stand_in(spec))
         await Generator(spec, teacher, Prompts(templates)).run(lambda n=1: None)
         return teacher.estimate()
     finally:
@@ -336,7 +341,7 @@ class Generator:
         else:
             target, soft, replies = await self.label(text)
         self.progress(1)
-        provenance = {"request": replies[0].key, "model": self.spec.teacher.model,
+        provenance = {"request": replies[0].key, "model": replies[0].model or self.spec.teacher.models[0],
                       "cost_usd": round(sum(r.cost_usd for r in replies), 8), "log": None,
                       "intended": intended, "generated_by": generated_by}
         return records.example(input=input, target=target, soft=soft, cohort=cohort,
@@ -433,7 +438,7 @@ class Generator:
         self.progress(1)
         if not trace:
             return None
-        provenance = {"request": replies[0].key, "model": self.spec.teacher.model,
+        provenance = {"request": replies[0].key, "model": replies[0].model or self.spec.teacher.models[0],
                       "cost_usd": round(sum(r.cost_usd for r in replies), 8), "log": None,
                       "scenario": scenario.description}
         return records.example(input=None, target=None, messages=trace, cohort="scenario",

@@ -5,6 +5,10 @@ that fails or is interrupted still leaves every answer it paid for. WAL mode wit
 synchronous=NORMAL makes each commit durable against a crash or kill of this process (only
 a power loss can drop the last commits) and lets a second reader look while a build writes.
 
+Beside the answers, the open batches (teacher.batch, teacher/batch.py): a batch's id and the
+request keys it holds are committed the moment the provider accepts it, before it is polled,
+so a compile killed while a batch runs resumes polling that batch instead of paying again.
+
 A key is the hash of everything that decides an answer: model, api_base, messages, sampling
 parameters, response format, tools and the sample index. The API key is never part of it,
 and nothing here stores it.
@@ -67,6 +71,21 @@ class RequestCache:
             " VALUES (?, ?, ?, ?, ?)",
             (key, model, json.dumps(reply, sort_keys=True), reply.get("cost_usd", 0.0), time.time()))
 
+    def open_batch(self, batch_id: str, endpoint: str, keys: list[str]) -> None:
+        """Record a batch the provider accepted at `endpoint` (model and api_base), holding `keys`."""
+        self._db.execute("INSERT OR REPLACE INTO batches (batch_id, endpoint, keys, created)"
+                         " VALUES (?, ?, ?, ?)", (batch_id, endpoint, json.dumps(keys), time.time()))
+
+    def open_batches(self, endpoint: str) -> dict[str, list[str]]:
+        """The batches at `endpoint` not yet closed: batch id -> the request keys it holds."""
+        rows = self._db.execute("SELECT batch_id, keys FROM batches WHERE endpoint = ?"
+                                " ORDER BY created", (endpoint,)).fetchall()
+        return {batch_id: json.loads(keys) for batch_id, keys in rows}
+
+    def close_batch(self, batch_id: str) -> None:
+        """Forget a batch whose answers are all cached (or that ended without any)."""
+        self._db.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
@@ -86,6 +105,9 @@ def _open(path: Path) -> sqlite3.Connection:
         db.execute(
             "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT NOT NULL,"
             " reply TEXT NOT NULL, cost_usd REAL NOT NULL, created REAL NOT NULL)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, endpoint TEXT NOT NULL,"
+            " keys TEXT NOT NULL, created REAL NOT NULL)")
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {check}")

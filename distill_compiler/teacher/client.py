@@ -1,7 +1,9 @@
 """The teacher client: litellm's async API behind a cache, a concurrency bound, retries and a budget.
 
 One `Teacher` serves any provider string litellm knows (`openai/...`, `anthropic/...`,
-`ollama/...`, or any OpenAI-compatible `api_base`). Each request is looked up in the
+`ollama/...`, or any OpenAI-compatible `api_base`), or several deployments through litellm's
+Router (`teacher.deployments`, teacher/router.py); `BatchTeacher` (teacher/batch.py) sends
+the same requests through the provider's batch endpoint instead (`teacher.batch`). Each request is looked up in the
 per-request cache first (teacher/cache.py); only misses are sent, at most
 `max_concurrency` at a time, and each answer is committed to the cache the moment it
 arrives, so an interrupted build keeps everything it paid for.
@@ -35,6 +37,7 @@ import jsonschema
 
 from ..errors import StageError
 from .cache import RequestCache, request_key
+from .keys import api_key_for
 
 # litellm fetches its price map from the network at import time unless told not to.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -80,6 +83,38 @@ def json_schema_format(name: str, schema: dict) -> dict:
 
 
 @dataclass(frozen=True)
+class AnswerKeys:
+    """Where a teacher's answers live in the request cache: under the model that gave them,
+    looked up in the order the models are asked.
+
+    A single `teacher.model`'s keys carry its `api_base`, as they always have (a name such as
+    `openai/x` means whatever the server at that base serves). Deployments' keys carry none:
+    the spec says which deployments serve the same model, so any of them finds what another
+    one answered, while a different model's answers stay under their own keys.
+    """
+
+    models: tuple[str, ...]
+    api_base: str | None
+
+    @classmethod
+    def of(cls, config) -> AnswerKeys:
+        return cls(config.models, None if config.deployments else config.api_base)
+
+    def key(self, request: Request, model: str | None = None) -> str:
+        return request.key(model or self.models[0], self.api_base)
+
+    def lookup(self, cache: RequestCache | None, request: Request) -> Reply | None:
+        """The cached answer of the first model that has one, or None."""
+        for model in self.models if cache is not None else ():
+            key = self.key(request, model)
+            hit = cache.get(key)
+            reply = cached_reply(key, hit, model) if hit is not None else None
+            if reply is not None:
+                return reply
+        return None
+
+
+@dataclass(frozen=True)
 class Reply:
     key: str
     content: str | None
@@ -91,11 +126,13 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     cached: bool = False
+    # The model that answered (of teacher.models); None in answers cached before it was kept.
+    model: str | None = None
 
     def as_cached(self) -> dict:
         return {"content": self.content, "tool_calls": self.tool_calls, "logprobs": self.logprobs,
                 "cost_usd": self.cost_usd, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens}
+                "completion_tokens": self.completion_tokens, "model": self.model}
 
 
 class BadReply(ValueError):
@@ -162,19 +199,23 @@ class Backoff:
 class Teacher:
     def __init__(self, config, cache: RequestCache, *, backoff: Backoff | None = None,
                  env: dict[str, str] | None = None):
-        if not config.model:
+        if not config.models:
             raise StageError("generate", "this spec asks for teacher requests but sets no teacher.model",
-                             "set teacher.model, or generate from teacher.logs only")
-        self.model, self.api_base = config.model, config.api_base
+                             "set teacher.model or teacher.deployments, or generate from "
+                             "teacher.logs only")
+        env = os.environ if env is None else env
+        self.keys = AnswerKeys.of(config)
         self.timeout_s, self.max_retries = config.timeout_s, config.max_retries
         self.budget_usd, self.max_requests = config.budget_usd, config.max_requests
         self.cache, self.backoff = cache, backoff or Backoff()
         self.usage = Usage()
-        self._api_key = _api_key(config.api_key_env, os.environ if env is None else env)
-        if self._api_key is None and self.api_base and not _default_key_present(self.model):
-            # A local OpenAI-compatible server needs no key, but the client refuses to send
-            # without one: hand it a placeholder.
-            self._api_key = "no-key"
+        if config.deployments:
+            from .router import Deployments
+
+            self.route = Deployments(config.deployments, timeout_s=self.timeout_s, env=env)
+        else:
+            self.route = Direct(config.model, config.api_base, api_key_for(
+                config.api_key_env, config.api_base, config.model, env), timeout_s=self.timeout_s)
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._key_locks: dict[str, asyncio.Lock] = {}
         # Set by the first error that must end the build (budget spent, provider down): every
@@ -182,23 +223,27 @@ class Teacher:
         # and are cached. Callers drain their tasks instead of cancelling them.
         self.halted: StageError | None = None
 
+    @property
+    def model(self) -> str:
+        """The model asked first."""
+        return self.keys.models[0]
+
     def key(self, request: Request) -> str:
-        return request.key(self.model, self.api_base)
+        return self.keys.key(request)
 
     async def complete(self, request: Request) -> Reply:
-        key = self.key(request)
-        # One lock per key: identical requests in flight at once are paid for once.
-        async with self._key_locks.setdefault(key, asyncio.Lock()):
-            hit = self.cache.get(key)
-            cached = cached_reply(key, hit) if hit is not None else None
+        # One lock per request: identical requests in flight at once are paid for once.
+        async with self._key_locks.setdefault(self.key(request), asyncio.Lock()):
+            cached = self.keys.lookup(self.cache, request)
             if cached is not None:
                 self.usage.cached += 1
                 return cached
             async with self._slots:
                 self._reserve()
                 response = await self._send(request)
-            reply = self._reply(key, response)
-            self.cache.put(key, self.model, reply.as_cached())
+            model = self.route.served_by(response)
+            reply = self._reply(self.keys.key(request, model), model, response)
+            self.cache.put(reply.key, model, reply.as_cached())
         self.usage.cost_usd += reply.cost_usd
         self.usage.prompt_tokens += reply.prompt_tokens
         self.usage.completion_tokens += reply.completion_tokens
@@ -223,30 +268,29 @@ class Teacher:
 
         litellm.suppress_debug_info = True  # our errors say what happened; theirs add banners
 
-        kwargs = {"model": self.model, "messages": list(request.messages), **request.params(),
-                  "timeout": self.timeout_s, "num_retries": 0, "max_retries": 0}
-        if self.api_base:
-            kwargs["api_base"] = self.api_base
-        if self._api_key:
-            kwargs["api_key"] = self._api_key
+        kwargs = {"messages": list(request.messages), **request.params()}
         for attempt in range(self.max_retries + 1):
             try:
-                return await litellm.acompletion(**kwargs)
+                return await self.route.acompletion(**kwargs)
             except Exception as exc:  # noqa: BLE001 (litellm maps every provider error onto its own classes)
-                if not _retryable(exc):
-                    self.halted = StageError(
-                        "generate", f"the teacher refused a request: {_describe(exc)}", _hint(exc))
-                    raise self.halted from None
-                if attempt == self.max_retries:
-                    self.halted = StageError(
-                        "generate", f"teacher request failed after {attempt + 1} attempts: "
-                        f"{_describe(exc)}; {self.usage.describe()}",
-                        "completed requests are cached; rerun when the provider recovers, "
-                        "or raise teacher.max_retries / teacher.timeout_s")
-                    raise self.halted from None
+                self._halt_unless_retryable(exc, attempt)
                 await asyncio.sleep(self.backoff.delay(attempt, _retry_after(exc)))
 
-    def _reply(self, key: str, response) -> Reply:
+    def _halt_unless_retryable(self, exc: Exception, attempt: int) -> None:
+        """Return when `exc` is worth another attempt; else halt the build with it."""
+        if not _retryable(exc):
+            self.halted = StageError(
+                "generate", f"the teacher refused a request: {_describe(exc)}", _hint(exc))
+            raise self.halted from None
+        if attempt == self.max_retries:
+            self.halted = StageError(
+                "generate", f"teacher request failed after {attempt + 1} attempts: "
+                f"{_describe(exc)}; {self.usage.describe()}",
+                "completed requests are cached; rerun when the provider recovers, "
+                "or raise teacher.max_retries / teacher.timeout_s")
+            raise self.halted from None
+
+    def _reply(self, key: str, model: str, response) -> Reply:
         import litellm
 
         choice = response.choices[0]
@@ -260,41 +304,49 @@ class Teacher:
             except Exception:  # noqa: BLE001 (a model missing from litellm's price map costs 0, as documented)
                 cost = 0.0
         cost = float(cost or 0.0)
-        return Reply(key=key, content=message.content,
+        return Reply(key=key, model=model, content=message.content,
                      tool_calls=_tool_calls(getattr(message, "tool_calls", None)),
                      logprobs=_logprobs(getattr(choice, "logprobs", None)), cost_usd=cost,
                      prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                      completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
 
 
-def cached_reply(key: str, hit: dict) -> Reply | None:
-    """A cached answer as a Reply; None (ask again) for a row whose fields were edited away."""
+def cached_reply(key: str, hit: dict, model: str | None = None) -> Reply | None:
+    """A cached answer as a Reply (from `model` unless the row says); None (ask again) for a
+    row whose fields were edited away."""
     try:
-        return Reply(key=key, cached=True, **hit)
+        return Reply(key=key, cached=True, **{**hit, "model": hit.get("model") or model})
     except TypeError:
         return None
 
 
-def _api_key(env_name: str | None, env) -> str | None:
-    """The key named by teacher.api_key_env; None lets litellm read its own defaults
-    (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...)."""
-    if env_name is None:
-        return None
-    if not env.get(env_name):
-        raise StageError("generate", f"teacher.api_key_env names ${env_name}, which is not set",
-                         f"export {env_name}=... before compiling")
-    return env[env_name]
+class Direct:
+    """One model at one endpoint, called through `litellm.acompletion` (no Router)."""
 
+    def __init__(self, model: str, api_base: str | None, api_key: str | None, *,
+                 timeout_s: float):
+        self.model = model
+        self._fixed: dict[str, Any] = {"model": model, "timeout": timeout_s,
+                                       "num_retries": 0, "max_retries": 0}
+        if api_base:
+            self._fixed["api_base"] = api_base
+        if api_key:
+            self._fixed["api_key"] = api_key
 
-def _default_key_present(model: str) -> bool:
-    import litellm
+    async def acompletion(self, **kwargs) -> Any:
+        import litellm
 
-    return bool(litellm.validate_environment(model).get("keys_in_environment"))
+        return await litellm.acompletion(**self._fixed, **kwargs)
+
+    def served_by(self, response) -> str:
+        return self.model
 
 
 def _retryable(exc: Exception) -> bool:
     import litellm
 
+    if getattr(exc, "retryable", None) is not None:  # errors that know (teacher/batch.py)
+        return exc.retryable
     if isinstance(exc, (litellm.RateLimitError, litellm.Timeout, litellm.APIConnectionError,
                         asyncio.TimeoutError)):
         return True
@@ -358,5 +410,5 @@ def _logprobs(logprobs) -> list[dict] | None:
                      for a in (_field(t, "top_logprobs") or [])]} for t in content]
 
 
-__all__ = ["Backoff", "BadReply", "BudgetExhausted", "Reply", "Request", "Teacher", "Usage",
-           "cached_reply", "json_schema_format", "parse_json"]
+__all__ = ["AnswerKeys", "Backoff", "BadReply", "BudgetExhausted", "Direct", "Reply", "Request",
+           "Teacher", "Usage", "cached_reply", "json_schema_format", "parse_json"]

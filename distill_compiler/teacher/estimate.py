@@ -12,8 +12,10 @@ rerun costs $0); a request not in it is one to pay for, counted with:
   answer the stage gives for that kind (an answer of typical length), never more than the
   request's `max_tokens`. Each kind says which (`KindCount.output_basis`);
 - dollars: tokens times `input_cost_per_token` and `output_cost_per_token` from litellm's
-  local cost map (`litellm.get_model_info`). A model missing from the map has an unknown
-  price, never a guessed one.
+  local cost map (`litellm.get_model_info`); with `teacher.batch`, the map's
+  `*_cost_per_token_batches`, or half the regular price where it has none (the rule litellm's
+  `batch_cost_calculator` prices batch answers by, so the estimate and the bill agree). A
+  model missing from the map has an unknown price, never a guessed one.
 
 The stand-in answer of a request not in the cache lets the stage go on to the requests that
 depend on it (the labels of the inputs a generation request would return, the next turn of
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import FILENAME, RequestCache
-from .client import Reply, Request, cached_reply
+from .client import AnswerKeys, Reply, Request
 
 # litellm fetches its price map from the network at import time unless told not to.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -70,6 +72,7 @@ class Estimate:
     model: str
     kinds: list[KindCount]
     price: Price | None  # None: the model is not in litellm's cost map
+    batch: bool = False  # priced at the batch price (teacher.batch)
 
     @property
     def requests(self) -> int:
@@ -105,15 +108,16 @@ class Estimate:
 def describe_usd(estimate: Estimate) -> str:
     if estimate.usd is None:
         return f"unknown price ({estimate.model} is not in litellm's cost map)"
-    return f"~${estimate.usd:.4f} ({estimate.model})"
+    return f"~${estimate.usd:.4f} ({estimate.model}{', batch price' if estimate.batch else ''})"
 
 
 def cost_usd(input_tokens: int, output_tokens: int, price: Price) -> float:
     return input_tokens * price.input_per_token + output_tokens * price.output_per_token
 
 
-def price_of(model: str) -> Price | None:
-    """The model's per-token prices in litellm's local cost map; None when it has none."""
+def price_of(model: str, batch: bool = False) -> Price | None:
+    """The model's per-token prices in litellm's local cost map (its batch prices when
+    `batch`, see the module docstring); None when it has none."""
     import litellm
 
     try:
@@ -123,6 +127,9 @@ def price_of(model: str) -> Price | None:
     cost_in, cost_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
     if cost_in is None or cost_out is None:
         return None
+    if batch:
+        return Price(float(info.get("input_cost_per_token_batches") or cost_in / 2),
+                     float(info.get("output_cost_per_token_batches") or cost_out / 2))
     return Price(float(cost_in), float(cost_out))
 
 
@@ -157,22 +164,37 @@ class _Kind:
 
 
 class DryTeacher:
-    """Stands where `Teacher` stands (`complete`, `key`) and counts instead of sending."""
+    """Stands where `Teacher` stands (`complete`, `key`) and counts instead of sending.
 
-    def __init__(self, model: str, api_base: str | None, cache: RequestCache | None,
-                 stand_in: Callable[[Request], StandIn]):
-        self.model, self.api_base, self.cache, self.stand_in = model, api_base, cache, stand_in
+    `keys` (client.AnswerKeys) finds an answer cached from any of the teacher's models, as the
+    Teacher does; what is not cached is counted, tokens and price, for the model asked first
+    (the fallbacks answer only when it fails). `priced_as` names the litellm strings to look
+    that model's price up by, in order (a deployment's own string, e.g. `azure/my-gpt-4o`,
+    when the model name is not in the cost map)."""
+
+    def __init__(self, keys: AnswerKeys, cache: RequestCache | None,
+                 stand_in: Callable[[Request], StandIn], priced_as: tuple[str, ...] = (),
+                 batch: bool = False):
+        self.keys, self.cache, self.stand_in, self.batch = keys, cache, stand_in, batch
+        self.model = keys.models[0]
+        self.priced_as = (self.model, *priced_as)
         self._kinds: dict[str, _Kind] = {}
         self._seen: dict[str, Reply] = {}  # requests already counted as sent, by key
 
+    @classmethod
+    def for_teacher(cls, config, cache: RequestCache | None,
+                    stand_in: Callable[[Request], StandIn]) -> DryTeacher:
+        first = AnswerKeys.of(config).models[0]
+        own = tuple(d.model for d in config.deployments if d.served == first)
+        return cls(AnswerKeys.of(config), cache, stand_in, own, batch=config.batch)
+
     def key(self, request: Request) -> str:
-        return request.key(self.model, self.api_base)
+        return self.keys.key(request)
 
     async def complete(self, request: Request) -> Reply:
         key = self.key(request)
         kind = self._kinds.setdefault(request.kind, _Kind(KindCount(request.kind)))
-        hit = self.cache.get(key) if self.cache is not None else None
-        reply = cached_reply(key, hit) if hit is not None else None
+        reply = self.keys.lookup(self.cache, request)
         if reply is not None or key in self._seen:
             # The real Teacher pays once for identical requests: the repeat is a cache hit.
             kind.count.cached += 1
@@ -189,8 +211,10 @@ class DryTeacher:
         return self._seen[key]
 
     def estimate(self) -> Estimate:
-        return Estimate(self.model, [output_estimate(k) for k in self._kinds.values()],
-                        price_of(self.model))
+        prices = (price_of(model, self.batch) for model in dict.fromkeys(self.priced_as))
+        price = next(filter(None, prices), None)
+        return Estimate(self.model, [output_estimate(k) for k in self._kinds.values()], price,
+                        self.batch)
 
 
 def output_estimate(kind: _Kind) -> KindCount:

@@ -230,6 +230,48 @@ def test_kill_during_generate_repays_no_answered_request(tmp_path):
            f"{ANSWERED_BEFORE_KILL}), requests re-paid {repaid}, teacher cache integrity ok")
 
 
+BATCH_SPEC = GENERATE_SPEC.replace("max_retries: 0,", "max_retries: 0, batch: true, batch_poll_s: 0.05,")
+
+
+def open_batch_ids(cache: Path) -> list[str]:
+    try:
+        with sqlite3.connect(cache / "teacher.sqlite", timeout=5) as db:
+            return [row[0] for row in db.execute("SELECT batch_id FROM batches")]
+    except sqlite3.Error:  # not created yet
+        return []
+
+
+def test_kill_while_a_batch_runs_resumes_polling_it_and_pays_nothing_twice(tmp_path):
+    """teacher.batch: killed while polling its first batch, the rerun polls that batch
+    (its id was committed before the first poll) instead of sending it again."""
+    with FakeTeacher({"billing": ["charge"], "refund": ["refund"]}) as teacher:
+        (tmp_path / "spec.yaml").write_text(BATCH_SPEC.format(api_base=teacher.api_base))
+        args = ["compile", tmp_path / "spec.yaml", *args_of(tmp_path), "--until", "generate"]
+        cache = tmp_path / "cache"
+
+        teacher.batch.hold = True
+        first = Run(tmp_path, "none", *args)
+        first.wait_until(lambda: open_batch_ids(cache) == ["batch_1"]
+                         and teacher.batch.retrieves >= 2, "the first batch polled")
+        first.kill9()
+        assert integrity(cache / "teacher.sqlite") == "ok"
+        assert teacher.batch.paid == 0 and teacher_rows(cache) == 0
+        teacher.batch.hold = False
+
+        Run(tmp_path, "none", *args).finish()
+        total = teacher_rows(cache)
+        summary = json.loads((tmp_path / "build" / "distill.lock").read_text())["generate"]["summary"]
+        created, paid = teacher.batch.created, teacher.batch.paid
+        repaid = sum(n - 1 for n in teacher.batch.paid_prompts.values())
+
+    # batch_1 (the generation prompts) resumed, batch_2 (their labels) sent by the rerun.
+    assert created == 2 and open_batch_ids(cache) == []
+    assert paid == total == summary["teacher_requests"] and repaid == 0
+    assert teacher.hits == 0  # nothing went to the per-request endpoint
+    report(f"batch: 1 kill while polling batch_1; the rerun polled it and sent 1 more batch, "
+           f"{paid} lines paid for {total} answers, requests re-paid {repaid}")
+
+
 WRITER = """
 import sys
 from pathlib import Path

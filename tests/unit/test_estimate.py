@@ -16,7 +16,7 @@ from teacher_server import (
 from distill_compiler.spec.load import parse_spec
 from distill_compiler.stages import generate
 from distill_compiler.teacher import client as teacher_mod
-from distill_compiler.teacher.client import Request
+from distill_compiler.teacher.client import AnswerKeys, Request
 from distill_compiler.teacher.estimate import DryTeacher, StandIn, over_limit
 
 KEYWORDS = {"billing": ["charge"], "refund": ["refund"], "legal_advice": ["lawyer"]}
@@ -130,7 +130,8 @@ def test_input_tokens_are_the_rendered_messages_counted_for_the_model():
 
     messages = [{"role": "system", "content": "Label the message."},
                 {"role": "user", "content": "why was I charged twice this month?"}]
-    dry = DryTeacher("openai/gpt-4o-mini", None, None, lambda request: StandIn("billing"))
+    dry = DryTeacher(AnswerKeys(("openai/gpt-4o-mini",), None), None,
+                     lambda request: StandIn("billing"))
     asyncio.run(dry.complete(Request(messages, max_tokens=16, kind="label")))
     asyncio.run(dry.complete(Request(messages, max_tokens=16, kind="label")))  # paid once
     (count,) = dry.estimate().kinds

@@ -128,7 +128,7 @@ def test_api_key_is_sent_but_never_stored(fake, tmp_path):
     secret = "sk-test-DO-NOT-STORE-123"
     teacher = client(fake, tmp_path, env={"MY_KEY": secret}, api_key_env="MY_KEY")
     run(teacher.complete(ask("refund")))
-    assert teacher._api_key == secret
+    assert fake.authorizations == [f"Bearer {secret}"]
     for path in tmp_path.iterdir():
         assert secret.encode() not in path.read_bytes()
     with pytest.raises(StageError, match=r"\$MISSING_KEY, which is not set"):
