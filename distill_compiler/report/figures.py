@@ -3,6 +3,8 @@ report.html and diff so the three never disagree on a value's text."""
 
 from __future__ import annotations
 
+from ..data.records import OUT_OF_SCOPE_FAR, OUT_OF_SCOPE_NEAR
+
 
 def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
@@ -33,8 +35,6 @@ def int8_variant(parity: dict) -> str:
 
 def recall_by_cohort(test: dict) -> str:
     """`(near-domain probes 40.0%, far 95.0%)` from the out-of-scope test figures, or empty."""
-    from ..data.records import OUT_OF_SCOPE_FAR, OUT_OF_SCOPE_NEAR
-
     names = {OUT_OF_SCOPE_NEAR: "near-domain probes", OUT_OF_SCOPE_FAR: "far probes"}
     parts = [f"{names.get(c, c)} {pct(r)}" for c, r in (test.get("recall_by_cohort") or {}).items()]
     return f" ({', '.join(parts)})" if len(parts) > 1 else ""

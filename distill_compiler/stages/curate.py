@@ -14,7 +14,9 @@ import random
 import re
 from collections import Counter, defaultdict
 
+from ..data.records import PROBE_COHORTS
 from ..errors import StageError
+from ..spec.models import OUT_OF_SCOPE
 
 VERSION = "1"
 KIND = "splits"
@@ -270,9 +272,6 @@ def is_probe(record: dict) -> bool:
     learns those probes (Larson et al. 2019: 40 % recall that way, against 52 % for a plain
     threshold), while the detector, fitted on in-scope embeddings alone, needs them only to be
     chosen and measured. A probe the teacher labelled as an intent is an ordinary example."""
-    from ..data.records import PROBE_COHORTS
-    from ..spec.models import OUT_OF_SCOPE
-
     return record.get("cohort") in PROBE_COHORTS and record["target"] == OUT_OF_SCOPE
 
 
