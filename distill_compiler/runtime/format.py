@@ -207,8 +207,12 @@ def _read_manifest(root: Path, inside: Path) -> dict:
         files = manifest["files"]
     except FileNotFoundError:
         raise BundleError(f"{root}: no {MANIFEST_FILE}; is this a bundle directory?") from None
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise BundleError(f"{MANIFEST_FILE}: unreadable ({type(exc).__name__}: {exc})") from None
+    except KeyError:
+        raise BundleError(f"{MANIFEST_FILE}: unreadable (it lists no `files`); rebuild the "
+                          "bundle with `distill compile`") from None
+    except (ValueError, TypeError, IndexError) as exc:
+        raise BundleError(f"{MANIFEST_FILE}: unreadable ({type(exc).__name__}: {exc}); rebuild "
+                          "the bundle with `distill compile`") from None
     version = manifest.get("format") if isinstance(manifest, dict) else None
     if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_FORMAT:
         raise BundleError(f"{MANIFEST_FILE}: format {version} is newer than this runtime reads "
