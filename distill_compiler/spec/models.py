@@ -192,6 +192,8 @@ class DataSpec(Section):
     """Replace emails, phone numbers, card numbers and IBANs with placeholders."""
     near_duplicate_threshold: float = Field(default=0.9, gt=0, le=1)
     """MinHash Jaccard similarity at or above which two inputs count as duplicates."""
+    embedder: str = "minilm-l6"
+    """Sentence encoder the data stages read requests with (which pool requests to label, which intents are close): `minilm-l6` (ships offline) or a folder saved with save_pretrained, relative to the spec. Apart from `student.base` so that a student change never reruns them."""
 
 
 class LoraSpec(Section):

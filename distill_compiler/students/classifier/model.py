@@ -107,6 +107,12 @@ class PooledClassifier(nn.Module):
 
 def load_student(base: str, spec_dir: Path, labels: list[str]):
     """(PooledClassifier with a fresh head over `labels`, tokenizer) for `student.base`."""
+    encoder, tokenizer = load_encoder(base, spec_dir)
+    return PooledClassifier(encoder, labels), tokenizer
+
+
+def load_encoder(base: str, spec_dir: Path):
+    """(bare encoder, fast tokenizer) for a base as `resolve_base` reads it."""
     from transformers import AutoModel, AutoTokenizer
 
     source = resolve_base(base, spec_dir)
@@ -123,4 +129,4 @@ def load_student(base: str, spec_dir: Path, labels: list[str]):
     if not tokenizer.is_fast:
         raise StageError("train", f"student.base '{base}' has no fast tokenizer (tokenizer.json)",
                          "the runtime loads tokenizer.json with `tokenizers`; pick a base that has one")
-    return PooledClassifier(encoder, labels), tokenizer
+    return encoder, tokenizer
