@@ -38,3 +38,44 @@ def recall_by_cohort(test: dict) -> str:
     names = {OUT_OF_SCOPE_NEAR: "near-domain probes", OUT_OF_SCOPE_FAR: "far probes"}
     parts = [f"{names.get(c, c)} {pct(r)}" for c, r in (test.get("recall_by_cohort") or {}).items()]
     return f" ({', '.join(parts)})" if len(parts) > 1 else ""
+
+
+def pool_selection(generate: dict) -> str:
+    """`3000 of 9,981 pool requests labelled (active, 12 rounds: ...)` from generate's stats, or
+    empty when the spec has no `teacher.pool`."""
+    pool = generate.get("pool")
+    if not pool:
+        return ""
+    rounds = pool.get("rounds") or []
+    kinds: dict[str, int] = {}
+    for r in rounds:
+        kinds[r["by"]] = kinds.get(r["by"], 0) + r["selected"]
+    agreement = [r["model_heldout_agreement"] for r in rounds
+                 if r.get("model_heldout_agreement") is not None]
+    model = (f"; the round model's held-out agreement {pct(agreement[0])} → {pct(agreement[-1])}"
+             if len(agreement) > 1 else "")
+    stopped = f"; stopped early: {pool['stopped']}" if pool.get("stopped") else ""
+    by = ", ".join(f"{kind} {n}" for kind, n in kinds.items())
+    return (f"{pool['labelled']} of {pool['pool']:,} pool requests labelled ({pool['selection']}, "
+            f"{len(rounds)} round{'s' if len(rounds) != 1 else ''}: {by}{model}{stopped})")
+
+
+def failure_rounds(generate: dict) -> str:
+    """`2 failure rounds: 80 examples added around 4 clusters (refund/billing 30, ...); held-out
+    agreement 81.0% → 84.5%; stopped: ...` from generate's stats, or empty."""
+    rounds = (generate.get("failure_rounds") or {}).get("rounds") or []
+    if not rounds:
+        return ""
+    added: dict[str, int] = {}
+    for r in rounds:
+        for c in r["clusters"]:
+            pair = f"{c['target']}/{c['confused_with']}"
+            added[pair] = added.get(pair, 0) + c["added"]
+    top = ", ".join(f"{pair} {n}" for pair, n in sorted(added.items(), key=lambda kv: -kv[1])[:5])
+    gains = [r["gain_agreement"] for r in rounds if r.get("gain_agreement") is not None]
+    agreement = (f"; held-out agreement {pct(rounds[0]['val_agreement'])} → {pct(gains[-1])}"
+                 if gains else "")
+    stopped = generate["failure_rounds"].get("stopped")
+    return (f"{len(rounds)} failure round{'s' if len(rounds) != 1 else ''}: "
+            f"{sum(r['added'] for r in rounds)} examples added around {len(added)} confused "
+            f"pairs ({top}){agreement}" + (f"; stopped: {stopped}" if stopped else ""))

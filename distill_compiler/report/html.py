@@ -13,7 +13,15 @@ import html
 import math
 from dataclasses import dataclass
 
-from .figures import int8_variant, megabytes, num, pct, recall_by_cohort
+from .figures import (
+    failure_rounds,
+    int8_variant,
+    megabytes,
+    num,
+    pct,
+    pool_selection,
+    recall_by_cohort,
+)
 
 LATENCY_BINS = 30
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -598,6 +606,10 @@ def funnel_chart(generate: dict, curate: dict) -> str:
                f"cohorts: {mapping(generate.get('by_cohort'))}"]
     if generate.get("rejected"):
         details.append(f"teacher outputs rejected before curation: {mapping(generate['rejected'])}")
+    if generate.get("pool"):
+        details.append(pool_selection(generate))
+    if failure_rounds(generate):
+        details.append(failure_rounds(generate))
     if curate.get("pii_scrubbed"):
         details.append(f"PII scrubbed: {mapping(curate['pii_scrubbed'])}")
     return chart + note("; ".join(details) + ". Train includes noise copies, so splits can "

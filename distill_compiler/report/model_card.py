@@ -8,7 +8,15 @@ from __future__ import annotations
 import json
 
 from ..spec.models import OUT_OF_SCOPE
-from .figures import int8_variant, megabytes, num, pct, recall_by_cohort
+from .figures import (
+    failure_rounds,
+    int8_variant,
+    megabytes,
+    num,
+    pct,
+    pool_selection,
+    recall_by_cohort,
+)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -95,7 +103,9 @@ def data_section(report: dict) -> str:
         f"- Splits: train {splits.get('train', 'n/a')}, validation {splits.get('val', 'n/a')}, "
         f"test {splits.get('test', 'n/a')}.\n"
         f"- Teacher requests paid: {generate.get('requests', 'n/a')} "
-        f"(cost ${generate.get('cost_usd', 0):.2f}), reused from cache: {generate.get('cached', 'n/a')}.")
+        f"(cost ${generate.get('cost_usd', 0):.2f}), reused from cache: {generate.get('cached', 'n/a')}."
+        + (f"\n- Unlabeled pool: {pool_selection(generate)}." if generate.get("pool") else "")
+        + (f"\n- Rounds on failures: {failure_rounds(generate)}." if failure_rounds(generate) else ""))
 
 
 def training_section(spec, report: dict) -> str:

@@ -169,6 +169,15 @@ def check_teacher(spec: Spec) -> list[Finding]:
         hint = (f"use an {BATCH_PREFIX} teacher.model, at any OpenAI-compatible api_base, "
                 "or set teacher.batch: false")
         return [(where, "teacher.batch goes through one OpenAI-style batch endpoint", hint)]
+    if spec.data.rounds and spec.task != "classify":
+        return [(("data", "rounds"), "failure rounds refit a label model: they are for classify specs",
+                 "set data.rounds to 0")]
+    if t.pool and spec.task == "agent":
+        return [(("teacher", "pool"), "an agent spec cannot label a request pool: its examples are "
+                 "whole conversations", "record them as teacher.logs, or describe scenarios")]
+    if t.pool and not t.models:
+        return [(("teacher", "pool"), "labelling the request pool asks for a live teacher",
+                 "set teacher.model or teacher.deployments")]
     if not t.logs and not t.models:
         return [(("teacher",), "no teacher model and no logs",
                  "set teacher.model, teacher.deployments or teacher.logs")]

@@ -159,6 +159,8 @@ class TeacherSpec(Section):
     """Votes per example when `soft_labels: samples`."""
     logs: tuple[str, ...] = ()
     """Recorded teacher traffic to replay as data (JSONL chat logs, or CSV/JSONL `{input, label}` rows), relative to the spec."""
+    pool: tuple[str, ...] = ()
+    """Unlabeled traffic the teacher has not answered (the `logs` formats without answers, or text with one request per line), relative to the spec: the teacher labels the most informative part of it, within `data.label_budget` (classify and extract)."""
     templates: str | None = None
     """Folder of Jinja2 prompt templates overriding the built-in ones, relative to the spec."""
 
@@ -192,6 +194,16 @@ class DataSpec(Section):
     """Replace emails, phone numbers, card numbers and IBANs with placeholders."""
     near_duplicate_threshold: float = Field(default=0.9, gt=0, le=1)
     """MinHash Jaccard similarity at or above which two inputs count as duplicates."""
+    label_budget: int | None = Field(default=None, ge=1)
+    """Pool requests (`teacher.pool`) the teacher may answer; unset: all of them. `teacher.budget_usd` also ends the selection."""
+    round_size: int = Field(default=200, ge=1)
+    """Pool requests chosen per round: the first round is a seed spread over the pool's clusters, each later one what the current model is least sure of."""
+    selection: Literal["active", "random"] = "active"
+    """How pool requests are chosen: `active` (uncertainty and diversity, round by round) or `random` (one seeded order, the control)."""
+    rounds: int = Field(default=0, ge=0, le=20)
+    """Classify: rounds on the model's failures after the data above is labelled: the teacher writes `round_size` examples around the clusters of validation failures (like them, and near-misses from the label they are confused with), labelled and refit each round; 0: none."""
+    min_gain: float = Field(default=0.005, ge=0, le=1)
+    """Failure rounds stop when a round raises held-out agreement by less than this."""
     embedder: str = "minilm-l6"
     """Sentence encoder the data stages read requests with (which pool requests to label, which intents are close): `minilm-l6` (ships offline) or a folder saved with save_pretrained, relative to the spec. Apart from `student.base` so that a student change never reruns them."""
 
@@ -362,5 +374,5 @@ def class_labels(intents: tuple[IntentSpec, ...], refusals: tuple[RefusalSpec, .
 
 def wants_generation(task: str, data: DataSpec, scenarios: tuple[ScenarioSpec, ...]) -> bool:
     """Whether the data section asks a live teacher for anything beyond replaying logs."""
-    return bool(data.per_intent or data.hard_negatives or data.out_of_scope or (
+    return bool(data.per_intent or data.hard_negatives or data.out_of_scope or data.rounds or (
         task == "agent" and scenarios))

@@ -36,6 +36,7 @@ MAX_TOOL_ROUNDS = 4  # assistant tool-call rounds per user turn before the trace
 
 def external_files(spec, spec_dir: Path) -> dict[str, Path]:
     files = {f"teacher.logs[{i}]": spec_dir / p for i, p in enumerate(spec.teacher.logs)}
+    files.update({f"teacher.pool[{i}]": spec_dir / p for i, p in enumerate(spec.teacher.pool)})
     if spec.teacher.templates:
         folder = spec_dir / spec.teacher.templates
         templates = sorted(folder.glob("*.j2")) if folder.is_dir() else []
@@ -54,12 +55,13 @@ def run(ctx) -> dict:
     stats = {"requests": 0, "cached": 0, "cost_usd": 0.0, "prompt_tokens": 0,
              "completion_tokens": 0, "rejected": {}}
     # A model named only for serving escalations is not contacted by a logs-only build.
-    if spec.teacher.models and wants_generation(spec.task, spec.data, spec.scenarios):
-        generated, usage, rejected = asyncio.run(_generate(ctx))
+    if asks_teacher(spec):
+        generated, usage, rejected, extra = asyncio.run(_generate(ctx, examples))
         examples += generated
         stats.update(requests=usage.requests, cached=usage.cached,
                      cost_usd=round(usage.cost_usd, 6), prompt_tokens=usage.prompt_tokens,
-                     completion_tokens=usage.completion_tokens, rejected=dict(sorted(rejected.items())))
+                     completion_tokens=usage.completion_tokens, rejected=dict(sorted(rejected.items())),
+                     **extra)
     if not examples:
         raise StageError("generate", "no examples: the logs are empty and nothing was generated",
                          "add teacher.logs, intent examples or set data.per_intent")
@@ -73,7 +75,15 @@ def run(ctx) -> dict:
             "cost_usd": stats["cost_usd"], "examples": len(examples)}
 
 
-async def _generate(ctx):
+def asks_teacher(spec) -> bool:
+    """Whether this spec sends the teacher anything: generation, or a pool to label."""
+    return bool(spec.teacher.models and (
+        wants_generation(spec.task, spec.data, spec.scenarios) or spec.teacher.pool))
+
+
+async def _generate(ctx, known: list[dict]):
+    """(generated, pool and failure-round examples, usage, rejected counts, the pool's and the
+    failure rounds' stats when the spec has them)."""
     from ..teacher.cache import RequestCache
     from ..teacher.client import BudgetExhausted, Teacher
     from ..teacher.prompts import Prompts
@@ -97,28 +107,78 @@ async def _generate(ctx):
         except BudgetExhausted as stop:
             # Restated now that requests in flight when it was hit have finished and been paid.
             raise BudgetExhausted(stop.what, teacher.usage) from None
-        return generated, teacher.usage, generator.rejected
+        extra = {}
+        if spec.teacher.pool:
+            selection = pool_selection(spec, ctx.spec_dir, ctx.cache_root, generator, ctx.log)
+            generated += await selection.run(read_pool(spec, ctx.spec_dir), known + generated)
+            extra["pool"] = selection.stats()
+        if spec.data.rounds:
+            rounds = failure_rounds(spec, ctx.spec_dir, ctx.cache_root, generator, ctx.log)
+            generated += await rounds.run(known + generated)
+            extra["failure_rounds"] = rounds.stats()
+        return generated, teacher.usage, generator.rejected, extra
     finally:
         cache.close()
+
+
+def failure_rounds(spec, spec_dir: Path, cache_root: Path, generator, log):
+    """The rounds on the model's failures, writing and labelling through `generator`."""
+    from ..data.failure_rounds import COHORT, FailureRounds
+    from ..teacher.prompts import register_style
+
+    async def write(writings) -> list[list[dict]]:
+        return await gather_or_cancel([
+            generator.ask(Ask(COHORT, template, {**variables, "n": BATCH}, BATCH, intended))
+            for template, variables, intended in writings])
+
+    styles = [register_style(register, language) for register, language in registers(spec.data)]
+    return FailureRounds(spec, spec_dir, cache_root, write, styles, BATCH, generator.label_help, log)
+
+
+def read_pool(spec, spec_dir: Path) -> list:
+    from ..teacher.logs import LogReader
+
+    return LogReader(spec, spec_dir).pool(spec.teacher.pool)
+
+
+def pool_selection(spec, spec_dir: Path, cache_root: Path, generator, log):
+    """The active selection over `teacher.pool`, labelling through `generator` (and its cache)."""
+    from ..data.active import PoolSelection
+
+    async def answer(text: str, cohort: str) -> dict:
+        return await generator.answer(text, cohort, None)
+
+    return PoolSelection(spec, spec_dir, cache_root, answer, log)
 
 
 def estimate(spec, spec_dir: Path, cache_root: Path):
     """What run() would ask the teacher, counted without sending anything: an `Estimate`
     (teacher/estimate.py), or None when this spec sends the teacher nothing."""
-    if not (spec.teacher.models and wants_generation(spec.task, spec.data, spec.scenarios)):
+    if not asks_teacher(spec):
         return None
     return asyncio.run(_estimate(spec, spec_dir, cache_root))
 
 
 async def _estimate(spec, spec_dir: Path, cache_root: Path):
+    """The dry run. A pool is selected for real, with the cached answers where there are
+    some and stand-ins otherwise: on a rerun it picks what the last compile picked (all
+    cached); on a first run its picks differ from the real ones, but not their number."""
     from ..teacher.estimate import DryTeacher, open_cache
+    from ..teacher.logs import LogReader
     from ..teacher.prompts import Prompts
 
     templates = spec_dir / spec.teacher.templates if spec.teacher.templates else None
     cache = open_cache(cache_root)
     try:
         teacher = DryTeacher.for_teacher(spec.teacher, cache, stand_in(spec))
-        await Generator(spec, teacher, Prompts(templates)).run(lambda n=1: None)
+        generator = Generator(spec, teacher, Prompts(templates))
+        generated = await generator.run(lambda n=1: None)
+        known = LogReader(spec, spec_dir).replay(spec.teacher.logs) + generated
+        if spec.teacher.pool:
+            selection = pool_selection(spec, spec_dir, cache_root, generator, lambda m: None)
+            known += await selection.run(read_pool(spec, spec_dir), known)
+        if spec.data.rounds:
+            await failure_rounds(spec, spec_dir, cache_root, generator, lambda m: None).run(known)
         return teacher.estimate()
     finally:
         if cache is not None:

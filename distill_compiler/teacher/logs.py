@@ -14,6 +14,9 @@ matches a label name up to case and punctuation. A row label that matches nothin
 stage with every such label, its row count and a did-you-mean, rather than losing those rows:
 the fix is a `log_labels:` entry or an intent. (A chat log's answer is the teacher's text; one
 that names no label is kept as written and counted by curate.)
+
+`teacher.pool` files are read here too (`LogReader.pool`): the same formats with any answer
+ignored, plus `.txt` with one request per line; only the request's text is kept.
 """
 
 from __future__ import annotations
@@ -57,15 +60,40 @@ class LogReader:
             raise unmapped_labels_error(self.unmapped, self.labels)
         return out
 
+    def pool(self, files: tuple[str, ...]) -> list:
+        """The requests of unlabeled traffic files (`teacher.pool`), in file order: the formats
+        above with any answers ignored, or text with one request per line."""
+        from ..data.active import PoolRequest
+
+        out = []
+        for name in files:
+            path = self.spec_dir / name
+            suffix = path.suffix.lower()
+            if suffix == ".csv":
+                rows = self._csv(path, name, labelled=False)
+            elif suffix == ".txt":
+                rows = _text_lines(path)
+            else:
+                rows = self._jsonl(path, name)
+            for line, row in rows:
+                text = _request_text(row)
+                if not isinstance(text, str):
+                    raise StageError("generate", f"{name}:{line}: a pool request must be text "
+                                     "(an `input` string or a chat log's user message)",
+                                     "log the user's message as text")
+                if text.strip():
+                    out.append(PoolRequest(text.strip(), f"{name}:{line}"))
+        return out
+
     # ----------------------------------------------------------------- files -> rows
 
-    def _csv(self, path: Path, name: str) -> Iterator[tuple[int, dict]]:
+    def _csv(self, path: Path, name: str, labelled: bool = True) -> Iterator[tuple[int, dict]]:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             columns = {c.strip().lower(): c for c in reader.fieldnames or ()}
             text = next((columns[c] for c in INPUT_COLUMNS if c in columns), None)
             label = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
-            if text is None or (self.task == "classify" and label is None):
+            if text is None or (labelled and self.task == "classify" and label is None):
                 raise StageError("generate", f"{name}: CSV header {list(columns)} names no "
                                  f"input column ({'|'.join(INPUT_COLUMNS)}) or label column "
                                  f"({'|'.join(LABEL_COLUMNS)})", "rename the header columns")
@@ -173,6 +201,22 @@ def unmapped_labels_error(unmapped: Counter, labels: tuple[str, ...]) -> StageEr
         f"intent:\n{shown}",
         "add each to the intent it means as `log_labels: [...]` (exactly as the log spells "
         "it), add the intent, or remove the rows")
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            yield line, {"input": text}
+
+
+def _request_text(row: dict):
+    """The request of a pool row: its `input`, or the last user message of a chat log line."""
+    if "input" in row:
+        return row["input"]
+    request = row.get("request") or {"messages": row.get("messages")}
+    users = [m.get("content") for m in request.get("messages") or ()
+             if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users else None
 
 
 def _offered_tools(request: dict) -> dict | None:

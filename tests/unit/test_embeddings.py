@@ -21,6 +21,17 @@ def test_rows_are_unit_vectors_in_input_order(tiny_encoder_dir, tmp_path):
 
 
 def test_a_missing_folder_names_the_setting(tmp_path):
+    encoder = SentenceEncoder("./no-such-encoder", tmp_path)
     with pytest.raises(StageError) as err:
-        SentenceEncoder("./no-such-encoder", tmp_path)
+        encoder.encode(["hello"])
     assert "data.embedder" in err.value.message
+
+
+def test_vectors_are_read_back_from_the_cache(tiny_encoder_dir, tmp_path):
+    texts = ["refund my order", "where is my parcel"]
+    first = SentenceEncoder(str(tiny_encoder_dir), tmp_path).encode_cached(texts, tmp_path / "c")
+    cached = SentenceEncoder(str(tiny_encoder_dir), tmp_path)
+    again = cached.encode_cached(texts, tmp_path / "c")
+    assert cached._loaded is None  # answered from the cache without loading the encoder
+    np.testing.assert_array_equal(first, again)
+    assert len(list((tmp_path / "c" / "embeddings").glob("*.npy"))) == 1
