@@ -58,7 +58,7 @@ FAULTS = ("ok", "429", "500", "timeout", "malformed", "invalid")
 
 class FakeTeacher:
     def __init__(self, keywords: dict[str, list[str]] | None = None, *, latency: float = 0.0,
-                 retry_after: str = "0.05", timeout_sleep: float = 1.0):
+                 retry_after: str = "0.05", timeout_sleep: float = 1.0, port: int = 0):
         self.keywords = {k: [w.lower() for w in v] for k, v in (keywords or {}).items()}
         self.latency, self.retry_after, self.timeout_sleep = latency, retry_after, timeout_sleep
         self.broken = False
@@ -73,7 +73,9 @@ class FakeTeacher:
         self._released = threading.Event()
         self._lock = threading.Lock()
         self.batch = BatchDesk(self)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        # port 0: any free one. A fixed port keeps `api_base`, part of every cache key, the same
+        # from one benchmark run to the next.
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
