@@ -69,7 +69,8 @@ def classify_sections(report: dict) -> list[str]:
         row(section("cascade", "Coverage and accuracy on validation", coverage_chart(cascade)),
             section("latency", "Latency at batch 1", latency_chart(metrics["latency"]))),
         row(section("cohorts", "Agreement per cohort on test", cohort_chart(test["per_cohort"])),
-            section("data", "Data funnel", funnel_chart(report["generate"], report["curate"]))),
+            section("data", "Data funnel", funnel_chart(report["generate"], report["curate"])
+                    + confusable_table(report["generate"].get("confusable_pairs")))),
         section("cost", "Teacher traffic and cost", cost_section(report["generate"],
                                                                  cascade["test"])),
         *([section("out-of-scope", "Out of scope: accepted accuracy against the out-of-scope share",
@@ -614,6 +615,19 @@ def funnel_chart(generate: dict, curate: dict) -> str:
         details.append(f"PII scrubbed: {mapping(curate['pii_scrubbed'])}")
     return chart + note("; ".join(details) + ". Train includes noise copies, so splits can "
                         "add up to more than kept.")
+
+
+def confusable_table(pairs: list[dict] | None) -> str:
+    """The intent pairs that got hard negatives: named in the spec, or found nearest in
+    embedding space before training (with their cosine)."""
+    if not pairs:
+        return ""
+    rows = [[esc(" ~ ".join(p["pair"])),
+             esc(p["source"] if p["source"] == "named" else f"found, cosine {p['cosine']:.3f}"),
+             esc(p["examples"])] for p in pairs]
+    return (note("Confusable pairs: hard negatives generated between intents named in "
+                 "confusable_with or found nearest in embedding space.")
+            + html_table(["pair", "source", "hard negatives"], rows, numeric={2}))
 
 
 def mapping(counts: dict | None) -> str:

@@ -99,6 +99,7 @@ def data_section(report: dict) -> str:
         f"- Examples produced: {curate.get('generated', 'n/a')} ({sources or 'no breakdown'}); "
         f"kept after curation: {curate.get('kept', 'n/a')}.\n"
         f"- By cohort: {cohorts or 'n/a'}.\n"
+        f"{confusable_line(generate.get('confusable_pairs'))}"
         f"- Dropped by rule: {dropped or 'none'}.\n"
         f"- Splits: train {splits.get('train', 'n/a')}, validation {splits.get('val', 'n/a')}, "
         f"test {splits.get('test', 'n/a')}.\n"
@@ -106,6 +107,17 @@ def data_section(report: dict) -> str:
         f"(cost ${generate.get('cost_usd', 0):.2f}), reused from cache: {generate.get('cached', 'n/a')}."
         + (f"\n- Unlabeled pool: {pool_selection(generate)}." if generate.get("pool") else "")
         + (f"\n- Rounds on failures: {failure_rounds(generate)}." if failure_rounds(generate) else ""))
+
+
+def confusable_line(pairs: list[dict] | None) -> str:
+    """The intent pairs that got hard negatives, named or found, as one bullet (or none)."""
+    if not pairs:
+        return ""
+    items = []
+    for p in pairs:
+        how = "named" if p["source"] == "named" else f"found, cosine {p['cosine']:.3f}"
+        items.append(f"`{p['pair'][0]}` ~ `{p['pair'][1]}` ({how}): {p['examples']}")
+    return f"- Hard negatives per confusable pair: {'; '.join(items)}.\n"
 
 
 def training_section(spec, report: dict) -> str:

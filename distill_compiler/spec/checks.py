@@ -25,6 +25,7 @@ def check_spec(spec: Spec) -> list[Finding]:
     return [
         *check_schemas(spec), *check_names(spec), *check_task_needs(spec),
         *check_references(spec), *check_escalation(spec), *check_teacher(spec),
+        *check_data(spec),
     ]
 
 
@@ -184,6 +185,15 @@ def check_teacher(spec: Spec) -> list[Finding]:
     if generation and not t.models:
         return [(("teacher", "model"), "data generation asks for a live teacher",
                  "set teacher.model, or set data.per_intent/hard_negatives/out_of_scope to 0")]
+    return []
+
+
+def check_data(spec: Spec) -> list[Finding]:
+    # Found pairs get hard_negatives each, like named ones: with none asked for, finding them
+    # would cost an encoder pass and change nothing.
+    if spec.data.confusable_pairs and not spec.data.hard_negatives:
+        return [(("data", "confusable_pairs"), "found pairs would get no examples: hard_negatives is 0",
+                 "set data.hard_negatives, or confusable_pairs to 0")]
     return []
 
 

@@ -181,7 +181,9 @@ class DataSpec(Section):
     languages: tuple[str, ...] = ("en",)
     """Languages for the `multilingual` register (ISO 639-1 codes)."""
     hard_negatives: int = Field(default=0, ge=0)
-    """Hard negatives generated per pair of confusable intents."""
+    """Hard negatives generated per pair of confusable intents: named in `confusable_with`, or found (`confusable_pairs`)."""
+    confusable_pairs: int = Field(default=0, ge=0)
+    """Intent pairs, nearest in embedding space (`data.embedder` over each intent's name, description, examples and up to 32 of its logged requests), that get `hard_negatives` on top of those named in `confusable_with`; 0: named pairs only."""
     out_of_scope: int = Field(default=0, ge=0)
     """Out-of-scope probes the teacher writes and labels: half near the domain (requests this assistant could get that no intent covers), half far (small talk, other services). Those the teacher labels `out_of_scope` go to validation and test only, never to training: they choose the out-of-scope detector and measure its recall (the report gives near and far apart)."""
     noise_copies: int = Field(default=0, ge=0, le=10)

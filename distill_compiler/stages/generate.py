@@ -24,7 +24,8 @@ from ..data.records import OUT_OF_SCOPE_FAR, OUT_OF_SCOPE_NEAR
 from ..errors import DistillError, StageError
 from ..spec.models import wants_generation
 
-VERSION = "2"  # 2: out-of-scope probes in two cohorts, near and far (curate holds them out)
+VERSION = "3"  # 3: hard negatives carry their pair; stats list the confusable pairs
+# 2: out-of-scope probes in two cohorts, near and far (curate holds them out)
 KIND = "examples"
 KEYED_ON = ("task", "description", "input", "output", "intents", "tools", "scenarios", "refusals",
             "teacher", "data")
@@ -54,10 +55,16 @@ def run(ctx) -> dict:
     examples = LogReader(spec, ctx.spec_dir).replay(spec.teacher.logs)
     stats = {"requests": 0, "cached": 0, "cost_usd": 0.0, "prompt_tokens": 0,
              "completion_tokens": 0, "rejected": {}}
+    pairs = []
     # A model named only for serving escalations is not contacted by a logs-only build.
     if asks_teacher(spec):
-        generated, usage, rejected, extra = asyncio.run(_generate(ctx, examples))
+        found = find_pairs(spec, ctx.spec_dir, examples)
+        if found:
+            ctx.log("generate: confusable pairs found: " + ", ".join(
+                f"{a} ~ {b} (cosine {c:.3f})" for a, b, c in found))
+        generated, usage, rejected, extra = asyncio.run(_generate(ctx, examples, found))
         examples += generated
+        pairs = pair_stats(spec, found, generated)
         stats.update(requests=usage.requests, cached=usage.cached,
                      cost_usd=round(usage.cost_usd, 6), prompt_tokens=usage.prompt_tokens,
                      completion_tokens=usage.completion_tokens, rejected=dict(sorted(rejected.items())),
@@ -67,6 +74,7 @@ def run(ctx) -> dict:
                          "add teacher.logs, intent examples or set data.per_intent")
     stats["by_cohort"] = dict(sorted(Counter(e["cohort"] for e in examples).items()))
     stats["by_source"] = dict(sorted(Counter(e["source"] for e in examples).items()))
+    stats["confusable_pairs"] = pairs
     records.write_jsonl(ctx.out / "examples.jsonl", examples)
     (ctx.out / "stats.json").write_text(records.canonical(stats) + "\n")
     ctx.log(f"generate: {len(examples)} examples, {stats['requests']} teacher requests "
@@ -81,9 +89,10 @@ def asks_teacher(spec) -> bool:
         wants_generation(spec.task, spec.data, spec.scenarios) or spec.teacher.pool))
 
 
-async def _generate(ctx, known: list[dict]):
+async def _generate(ctx, known: list[dict], found):
     """(generated, pool and failure-round examples, usage, rejected counts, the pool's and the
-    failure rounds' stats when the spec has them)."""
+    failure rounds' stats when the spec has them). `found`: the confusable pairs find_pairs
+    gave."""
     from ..teacher.cache import RequestCache
     from ..teacher.client import BudgetExhausted, Teacher
     from ..teacher.prompts import Prompts
@@ -100,7 +109,7 @@ async def _generate(ctx, known: list[dict]):
             teacher = BatchTeacher(spec.teacher, cache, log=ctx.log)
         else:
             teacher = Teacher(spec.teacher, cache)
-        generator = Generator(spec, teacher, Prompts(templates))
+        generator = Generator(spec, teacher, Prompts(templates), found)
         progress = ctx.reporter.progress("teacher", None)
         try:
             generated = await generator.run(progress)
@@ -168,10 +177,11 @@ async def _estimate(spec, spec_dir: Path, cache_root: Path):
     from ..teacher.prompts import Prompts
 
     templates = spec_dir / spec.teacher.templates if spec.teacher.templates else None
+    found = find_pairs(spec, spec_dir)  # what run() finds, so its hard negatives are counted
     cache = open_cache(cache_root)
     try:
         teacher = DryTeacher.for_teacher(spec.teacher, cache, stand_in(spec))
-        generator = Generator(spec, teacher, Prompts(templates))
+        generator = Generator(spec, teacher, Prompts(templates), found)
         generated = await generator.run(lambda n=1: None)
         known = LogReader(spec, spec_dir).replay(spec.teacher.logs) + generated
         if spec.teacher.pool:
@@ -241,6 +251,39 @@ async def gather_or_cancel(coros) -> list:
         raise
 
 
+# --------------------------------------------------------------------------- confusable pairs
+
+def find_pairs(spec, spec_dir: Path, replayed: list[dict] | None = None
+               ) -> list[tuple[str, str, float]]:
+    """The intent pairs nearest in embedding space (data/confusable.py), found once per run
+    from the spec and the replayed log records (replayed here when not given); none unless
+    hard negatives are generated."""
+    if spec.task != "classify" or not (spec.data.confusable_pairs and spec.data.hard_negatives):
+        return []
+    from ..data.confusable import found_pairs
+    from ..teacher.logs import LogReader
+
+    if replayed is None:
+        replayed = LogReader(spec, spec_dir).replay(spec.teacher.logs)
+    return found_pairs(spec, spec_dir, replayed)
+
+
+def pair_stats(spec, found: list[tuple[str, str, float]], generated: list[dict]) -> list[dict]:
+    """stats.json's confusable_pairs: each pair that got hard negatives, named or found, and
+    how many hard-negative examples it produced in both directions."""
+    from ..data.confusable import named_pairs
+
+    if spec.task != "classify" or not spec.data.hard_negatives:
+        return []
+    made = Counter(tuple(sorted(e["provenance"]["pair"])) for e in generated
+                   if e["cohort"] == "hard_negative")
+    rows = [{"pair": list(p), "source": "named", "examples": made[p]}
+            for p in named_pairs(spec.intents)]
+    rows += [{"pair": [a, b], "source": "found", "cosine": round(c, 4), "examples": made[(a, b)]}
+             for a, b, c in found]
+    return rows
+
+
 # --------------------------------------------------------------------------- what to ask for
 
 @dataclass(frozen=True)
@@ -252,6 +295,9 @@ class Ask:
     variables: dict = field(hash=False)
     take: int
     intended: str | None  # the label the generator was asked for; the teacher decides
+    # Hard negatives: (target, other). Kept out of `variables`, so that it never reaches the
+    # prompt (or its cache key); it goes to the examples' provenance.
+    pair: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -272,7 +318,7 @@ def registers(data) -> list[tuple[str, str | None]]:
 
 
 def spread(count: int, cohort: str, template: str, variables: dict, intended: str | None,
-           regs: list[tuple[str, str | None]]) -> list[Ask]:
+           regs: list[tuple[str, str | None]], pair: tuple[str, str] | None = None) -> list[Ask]:
     """`count` inputs dealt round-robin over registers, in batches of BATCH per register.
 
     Input i goes to register i % R as its (i // R)-th input, so growing `count` only extends
@@ -287,11 +333,15 @@ def spread(count: int, cohort: str, template: str, variables: dict, intended: st
             name = f"{cohort}:{register}" if cohort == "paraphrase" else cohort
             asks.append(Ask(name, template, {**variables, "style": register_style(register, language),
                                              "batch": batch, "n": BATCH},
-                            min(BATCH, mine - batch * BATCH), intended))
+                            min(BATCH, mine - batch * BATCH), intended, pair))
     return asks
 
 
-def plan_asks(spec) -> list[Ask]:
+def plan_asks(spec, found=()) -> list[Ask]:
+    """Every generation request, in a fixed order. `found`: the (a, b, cosine) intent pairs
+    find_pairs gave, which get hard negatives beside the pairs the spec names."""
+    from ..data.confusable import named_pairs
+
     data, regs = spec.data, registers(spec.data)
     intents = {i.name: i for i in spec.intents}
     asks: list[Ask] = []
@@ -306,12 +356,13 @@ def plan_asks(spec) -> list[Ask]:
     for intent in spec.intents:
         asks += spread(data.per_intent, "paraphrase", "paraphrase", {"intent": intent},
                        intent.name, regs)
-    pairs = sorted({tuple(sorted((i.name, other))) for i in spec.intents for other in i.confusable_with})
+    pairs = sorted({*named_pairs(spec.intents), *((a, b) for a, b, _ in found)})
     for a, b in pairs:
         for target, other in ((a, b), (b, a)):
             half = data.hard_negatives // 2 + (data.hard_negatives % 2 if target == a else 0)
             asks += spread(half, "hard_negative", "hard_negative",
-                           {"target": intents[target], "other": intents[other]}, target, regs)
+                           {"target": intents[target], "other": intents[other]}, target, regs,
+                           (target, other))
     for refusal in spec.refusals:
         asks += spread(data.per_intent, "refusal_probe", "refusal_probe", {"refusal": refusal},
                        refusal.name, regs)
@@ -338,11 +389,12 @@ def seeds(spec) -> list[Seed]:
 # --------------------------------------------------------------------------- asking
 
 class Generator:
-    def __init__(self, spec, teacher, prompts):
+    def __init__(self, spec, teacher, prompts, found=()):
         from ..data import records
         from ..spec.models import OUT_OF_SCOPE, class_labels
 
         self.spec, self.teacher, self.prompts = spec, teacher, prompts
+        self.found = found  # intent pairs that get hard negatives beside the named ones
         self.labels = class_labels(spec.intents, spec.refusals)
         self.label_help = ([{"name": i.name, "description": i.description} for i in spec.intents]
                            + [{"name": r.name, "description": r.description} for r in spec.refusals]
@@ -357,11 +409,12 @@ class Generator:
             jobs = [self.conversation(s, c) for s in self.spec.scenarios
                     for c in range(max(1, self.spec.data.per_intent))]
             return [r for r in await gather_or_cancel(jobs) if r is not None]
-        if (plan_asks(self.spec) or seeds(self.spec)) and self.field is None:
+        asks = plan_asks(self.spec, self.found)
+        if (asks or seeds(self.spec)) and self.field is None:
             raise StageError("generate", "input.schema has no string property for generated text",
                              "add one (e.g. `message: {type: string}`) or use teacher.logs only")
         seeded = [self.answer(s.text, "seed", s.intended) for s in seeds(self.spec)]
-        batches = [self.ask(a) for a in plan_asks(self.spec)]
+        batches = [self.ask(a) for a in asks]
         done = await gather_or_cancel([*seeded, *batches])
         out = [r for r in done[:len(seeded)] if r is not None]
         for batch in done[len(seeded):]:
@@ -387,11 +440,12 @@ class Generator:
             self.rejected[f"generation_{bad.reason}"] += 1
             return []
         answered = await gather_or_cancel(
-            [self.answer(text, ask.cohort, ask.intended, reply.key) for text in items[:ask.take]])
+            [self.answer(text, ask.cohort, ask.intended, reply.key, ask.pair)
+             for text in items[:ask.take]])
         return [r for r in answered if r is not None]
 
     async def answer(self, text: str, cohort: str, intended: str | None,
-                     generated_by: str | None = None) -> dict:
+                     generated_by: str | None = None, pair: tuple[str, str] | None = None) -> dict:
         from ..data import records
 
         text = text.strip()
@@ -404,6 +458,8 @@ class Generator:
         provenance = {"request": replies[0].key, "model": replies[0].model or self.spec.teacher.models[0],
                       "cost_usd": round(sum(r.cost_usd for r in replies), 8), "log": None,
                       "intended": intended, "generated_by": generated_by}
+        if pair is not None:
+            provenance["pair"] = list(pair)
         return records.example(input=input, target=target, soft=soft, cohort=cohort,
                                source="teacher", provenance=provenance)
 

@@ -115,6 +115,20 @@ def test_more_examples_count_only_the_new_requests_at_the_cached_answers_length(
     assert labels.output_tokens == 8 * labels.requests
 
 
+def test_hard_negatives_for_a_found_pair_are_counted_and_then_sent(fake, tmp_path,
+                                                                    tiny_encoder_dir):
+    # Two intents, none named confusable: the one pair there is is found, and gets 4 hard
+    # negatives (2 each way, one per register): 4 more generation batches, 4 more labels.
+    path = write_spec(tmp_path, fake)
+    path.write_text(path.read_text().replace("registers: [formal, terse]", (
+        "registers: [formal, terse]\n  hard_negatives: 4\n  confusable_pairs: 1\n"
+        f"  embedder: '{tiny_encoder_dir}'")))
+    assert kinds(estimate_of(path, tmp_path)) == {"label": (LABELS + 4, 0),
+                                                   "generation": (GENERATION + 4, 0)}
+    assert cli("compile", path, *dirs(tmp_path), "--until", "generate") == 0
+    assert fake.hits == LABELS + 4 + GENERATION + 4
+
+
 def test_dollars_are_tokens_times_the_cost_maps_price(fake, tmp_path):
     import litellm
 

@@ -205,6 +205,47 @@ def test_template_override_changes_prompts_and_keys_the_stage(fake, tmp_path):
     assert labelling and all(b["messages"][0]["content"].startswith("Pick one.") for b in labelling)
 
 
+# A third intent beside the named pair billing~refund, so that two pairs are left to find.
+CONFUSABLE = CLASSIFY.replace("refusals:", """  - name: delivery
+    description: Where a parcel is and when it arrives.
+refusals:""").replace("per_intent: 20", """per_intent: 0
+  hard_negatives: 4
+  confusable_pairs: {pairs}
+  embedder: '{embedder}'""")
+
+
+def generation_bodies(fake) -> list[dict]:
+    return [b for b in fake.bodies
+            if (b.get("response_format") or {}).get("json_schema", {}).get("name") == "generated_inputs"]
+
+
+def test_found_confusable_pairs_get_hard_negatives_beside_the_named_ones(fake, tmp_path,
+                                                                         tiny_encoder_dir):
+    named = spec_of(CONFUSABLE, api_base=fake.api_base, embedder=tiny_encoder_dir, pairs=0)
+    ctx, _ = run_generate(named, tmp_path)
+    # 4 per pair: 2 each way, one per register.
+    assert json.loads((ctx.out / "stats.json").read_text())["confusable_pairs"] == [
+        {"pair": ["billing", "refund"], "source": "named", "examples": 4}]
+    assert len(generation_bodies(fake)) == 4
+    fake.reset_counts()
+
+    # Both pairs left are found (which is nearer depends on the untrained encoder, so the
+    # order is not asserted); the named pair's requests are the same and come from the cache.
+    found = spec_of(CONFUSABLE, api_base=fake.api_base, embedder=tiny_encoder_dir, pairs=2)
+    ctx, summary = run_generate(found, tmp_path)
+    assert len(generation_bodies(fake)) == 8 and summary["cached_requests"] == 4 + 4 + 1
+    rows = json.loads((ctx.out / "stats.json").read_text())["confusable_pairs"]
+    assert rows[0] == {"pair": ["billing", "refund"], "source": "named", "examples": 4}
+    assert sorted(r["pair"] for r in rows[1:]) == [["billing", "delivery"], ["delivery", "refund"]]
+    assert all(r["source"] == "found" and r["examples"] == 4 and -1 <= r["cosine"] <= 1
+               for r in rows[1:])
+    hard = [r for r in examples(ctx) if r["cohort"] == "hard_negative"]
+    assert len(hard) == 12
+    assert all(r["provenance"]["pair"][0] == r["provenance"]["intended"] for r in hard)
+    prompts = ["\n".join(m["content"] for m in b["messages"]) for b in generation_bodies(fake)]
+    assert sum('belong to "delivery"' in p for p in prompts) == 4  # 2 each way, found pairs
+
+
 # --------------------------------------------------------------------------- log replay
 
 def test_replays_chat_logs_without_a_live_teacher(tmp_path):

@@ -133,3 +133,14 @@ def test_out_of_scope_recall_is_given_per_probe_cohort_when_there_are_several():
     assert recall_by_cohort(both) == " (far probes 95.0%, near-domain probes 40.0%)"
     assert recall_by_cohort({"recall_by_cohort": {"log": 0.5}}) == ""
     assert recall_by_cohort({}) == ""
+
+
+def test_the_data_section_lists_the_confusable_pairs_named_and_found():
+    from distill_compiler.report.model_card import data_section
+
+    pairs = [{"pair": ["billing", "refund"], "source": "named", "examples": 40},
+             {"pair": ["delivery", "refund"], "source": "found", "cosine": 0.8123, "examples": 38}]
+    text = data_section({"generate": {"confusable_pairs": pairs}, "curate": {}})
+    assert ("- Hard negatives per confusable pair: `billing` ~ `refund` (named): 40; "
+            "`delivery` ~ `refund` (found, cosine 0.812): 38.") in text
+    assert "confusable" not in data_section({"generate": {}, "curate": {}})

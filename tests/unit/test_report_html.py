@@ -64,7 +64,11 @@ def sample_report() -> dict:
                    "splits": {"test": 10, "train": 0, "val": 10}, "pii_scrubbed": {"EMAIL": 1}},
         "generate": {"requests": 40, "cached": 2, "cost_usd": 0.08, "prompt_tokens": 900,
                      "completion_tokens": 120, "by_cohort": {"log": 12}, "by_source": {"log": 12},
-                     "rejected": {}},
+                     "rejected": {},
+                     "confusable_pairs": [
+                         {"pair": ["billing", "refund"], "source": "named", "examples": 40},
+                         {"pair": ["refund", "wrong_item"], "source": "found", "cosine": 0.8123,
+                          "examples": 38}]},
         "parity": {"quantize": "int8", "sizes": {"model.onnx": 23_418_250}},
         "train": {},
     }
@@ -106,6 +110,8 @@ def test_every_section_and_chart_is_on_the_page(markup):
         assert figure in text, figure
     assert "fail" in text and "min_teacher_agreement" in text  # the failed gate is shown
     assert "1 slower request (up to 40.0 ms)" in text  # the outlier is counted, not drawn
+    for pair in ("billing ~ refund", "named", "refund ~ wrong_item", "found, cosine 0.812"):
+        assert pair in text, pair
 
 
 @pytest.fixture(scope="module")
