@@ -165,11 +165,13 @@ def check_teacher(spec: Spec) -> list[Finding]:
         found = check_deployments(spec)
         if found:
             return found
-    if t.batch and (t.deployments or (t.model and not t.model.startswith(BATCH_PREFIX))):
-        where = ("teacher", "deployments") if t.deployments else ("teacher", "model")
-        hint = (f"use an {BATCH_PREFIX} teacher.model, at any OpenAI-compatible api_base, "
+    primary = t.deployments[0].model if t.deployments else t.model
+    if t.batch and primary and not primary.startswith(BATCH_PREFIX):
+        where = ("teacher", "deployments", 0, "model") if t.deployments else ("teacher", "model")
+        what = "the first deployment" if t.deployments else "teacher.model"
+        hint = (f"make {what} an {BATCH_PREFIX} model, at any OpenAI-compatible api_base, "
                 "or set teacher.batch: false")
-        return [(where, "teacher.batch goes through one OpenAI-style batch endpoint", hint)]
+        return [(where, "teacher.batch goes through an OpenAI-style batch endpoint", hint)]
     if spec.data.rounds and spec.task != "classify":
         return [(("data", "rounds"), "failure rounds refit a label model: they are for classify specs",
                  "set data.rounds to 0")]

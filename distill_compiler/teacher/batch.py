@@ -52,27 +52,47 @@ class LineFailed(Exception):
 
 
 class BatchTeacher(Teacher):
+    """With `teacher.deployments`, batches go to the first deployment's endpoint (the first
+    model's answers, at the batch price); a request whose line still fails after
+    `max_retries` batches goes through the router instead, at the live price, rather than
+    stopping the build: the other deployments are the fallback."""
+
     def __init__(self, config, cache, *, env: dict[str, str] | None = None, log=None, **kw):
         super().__init__(config, cache, env=env, **kw)
         env = os.environ if env is None else env
         # Every miss waits in a batch at once: teacher.max_concurrency bounds requests in
         # flight to a live endpoint, not lines of a file.
         self._slots = asyncio.Semaphore(MAX_LINES)
+        self.live_fallback = bool(config.deployments)
+        self._batched: set[int] = set()  # ids of the responses that came from a batch line
+        primary = config.deployments[0] if config.deployments else config
+        field = "teacher.deployments[0].api_key_env" if config.deployments else "teacher.api_key_env"
         self.batcher = Batcher(
-            config.model, config.api_base,
-            api_key_for(config.api_key_env, config.api_base, config.model, env), cache,
-            poll_s=config.batch_poll_s, max_retries=config.max_retries,
+            primary.model, primary.api_base,
+            api_key_for(primary.api_key_env, primary.api_base, primary.model, env, field=field),
+            cache, poll_s=config.batch_poll_s, max_retries=config.max_retries,
             record=self._record, log=log or (lambda message: None))
 
     async def _send(self, request: Request):
         for attempt in range(self.max_retries + 1):
             try:
-                return await self.batcher.submit(self.key(request), request)
+                response = await self.batcher.submit(self.key(request), request)
+                self._batched.add(id(response))
+                return response
             except LineFailed as exc:
+                if self.live_fallback and attempt == self.max_retries and exc.retryable:
+                    return await super()._send(request)
                 self._halt_unless_retryable(exc, attempt)
             except StageError as exc:
                 self.halted = self.halted or exc
                 raise self.halted from None
+
+    def served_by(self, response) -> str:
+        """A batch line is the first model's answer; a live one the router's deployment's."""
+        if id(response) in self._batched:
+            self._batched.discard(id(response))
+            return self.model
+        return super().served_by(response)
 
     def _record(self, key: str, response) -> None:
         """Cache one answered line the moment its batch is read, before the batch is closed."""

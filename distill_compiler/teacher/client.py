@@ -241,13 +241,17 @@ class Teacher:
             async with self._slots:
                 self._reserve()
                 response = await self._send(request)
-            model = self.route.served_by(response)
+            model = self.served_by(response)
             reply = self._reply(self.keys.key(request, model), model, response)
             self.cache.put(reply.key, model, reply.as_cached())
         self.usage.cost_usd += reply.cost_usd
         self.usage.prompt_tokens += reply.prompt_tokens
         self.usage.completion_tokens += reply.completion_tokens
         return reply
+
+    def served_by(self, response) -> str:
+        """The model that produced a response `_send` returned."""
+        return self.route.served_by(response)
 
     def _reserve(self) -> None:
         """Count a paid request about to be sent, or refuse it once the build must stop."""

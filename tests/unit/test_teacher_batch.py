@@ -178,3 +178,21 @@ def test_a_compile_sends_two_batches_and_its_plan_uses_the_batch_price(fake, tmp
     path.write_text(path.read_text().replace("batch: true", "batch: false"))
     assert cli("compile", str(path), *dirs, "--until", "generate") == 0
     assert fake.hits == 0 and fake.batch.created == 2
+
+
+def test_with_deployments_batches_go_to_the_first_and_lines_that_keep_failing_go_live(tmp_path):
+    from distill_compiler.spec.models import DeploymentSpec
+
+    with FakeTeacher({"billing": ["charge"], "refund": ["refund"]}) as first, \
+            FakeTeacher({"billing": ["charge"], "refund": ["refund"]}) as second:
+        cfg = TeacherConfig(deployments=(DeploymentSpec(model=MODEL, api_base=first.api_base),
+                                         DeploymentSpec(model=MODEL, api_base=second.api_base)),
+                            batch=True, batch_poll_s=0.02, max_retries=1)
+        teacher = BatchTeacher(cfg, RequestCache.at(tmp_path), env={})
+        # Line 0 fails in both batches it is sent in (the first and its retry).
+        first.batch.inject("500", "ok", "ok", "ok", "ok", "ok", "500")
+        replies = complete_all(teacher)
+        assert [r.content for r in replies] == EXPECTED
+        assert first.batch.created == 2 and first.batch.paid == 5
+        # The one line no batch answered went live, through the router, to either deployment.
+        assert first.hits + second.hits == 1
