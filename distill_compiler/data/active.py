@@ -19,7 +19,6 @@ reached, selection ends with what was labelled (the rest of that round is cached
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +148,7 @@ class PoolSelection:
     async def _label(self, requests: list[PoolRequest], round_index: int) -> list[dict]:
         """The teacher's answers to one round, in the round's order; requests it would not
         answer within the budget are dropped, and end the selection."""
-        from ..teacher.client import BudgetExhausted
+        from ..teacher.client import BudgetExhausted, gather_or_cancel
 
         async def one(request: PoolRequest) -> dict | None:
             try:
@@ -160,7 +159,7 @@ class PoolSelection:
             record["provenance"].update(pool=request.where, round=round_index)
             return record
 
-        done = await asyncio.gather(*(one(r) for r in requests))
+        done = await gather_or_cancel([one(r) for r in requests])
         if self.stopped:
             self.log(f"generate: {self.stopped}: pool selection ends after round {round_index}")
         return [r for r in done if r is not None]

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.records import OUT_OF_SCOPE_FAR, OUT_OF_SCOPE_NEAR
-from ..errors import DistillError, StageError
+from ..errors import StageError
 from ..spec.models import wants_generation
+from ..teacher.client import gather_or_cancel
 
 VERSION = "3"  # 3: hard negatives carry their pair; stats list the confusable pairs
 # 2: out-of-scope probes in two cohorts, near and far (curate holds them out)
@@ -229,26 +230,6 @@ def stand_in(spec):
             return StandIn(TYPICAL_REPLY)
         return StandIn("{}")
     return answer
-
-
-async def gather_or_cancel(coros) -> list:
-    """gather(), stopping every task on the first failure.
-
-    After a stage error (budget spent, provider down) the teacher refuses new requests, so
-    the other tasks are drained: what is already in flight is paid for and gets cached.
-    Anything else (Ctrl-C, a bug) cancels them at once.
-    """
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    except DistillError:
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 # --------------------------------------------------------------------------- confusable pairs

@@ -35,7 +35,7 @@ from typing import Any
 
 import jsonschema
 
-from ..errors import StageError
+from ..errors import DistillError, StageError
 from .cache import RequestCache, request_key
 from .keys import api_key_for
 
@@ -416,3 +416,23 @@ def _logprobs(logprobs) -> list[dict] | None:
 
 __all__ = ["AnswerKeys", "Backoff", "BadReply", "BudgetExhausted", "Direct", "Reply", "Request",
            "Teacher", "Usage", "cached_reply", "json_schema_format", "parse_json"]
+
+
+async def gather_or_cancel(coros) -> list:
+    """gather(), stopping every task on the first failure.
+
+    After a stage error (budget spent, provider down) the teacher refuses new requests, so
+    the other tasks are drained: what is already in flight is paid for and gets cached.
+    Anything else (Ctrl-C, a bug) cancels them at once.
+    """
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except DistillError:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
