@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .records import message_field, message_text
 from .selection import margins, random_picks, seed_picks, spread_picks, uncertain_picks
 
 POOL_COHORT = "pool"
@@ -56,7 +57,6 @@ class PoolSelection:
     def __init__(self, spec, spec_dir: Path, cache_root: Path,
                  answer: Callable[[str, str], Awaitable[dict | None]], log: Callable[[str], None]):
         from ..spec.models import class_labels
-        from .records import message_field
 
         self.field = message_field(spec.input.schema_)
         self.spec, self.spec_dir, self.cache_root = spec, spec_dir, cache_root
@@ -167,9 +167,7 @@ class PoolSelection:
     # ----------------------------------------------------------------- records
 
     def _text(self, record: dict) -> str | None:
-        value = record.get("input")
-        text = value.get(self.field) if isinstance(value, dict) else None
-        return text if isinstance(text, str) else None
+        return message_text(record, self.field)
 
     def _label_id(self, record: dict) -> int | None:
         target = record.get("target")

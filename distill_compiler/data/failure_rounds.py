@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .active import RoundModel
-from .records import PROBE_COHORTS
+from .records import PROBE_COHORTS, message_field, message_text
 from .selection import kmeans
 
 COHORT = "failure_round"
@@ -88,7 +88,6 @@ class FailureRounds:
                  styles: list[str], batch: int, label_help: list[dict],
                  log: Callable[[str], None]):
         from ..spec.models import class_labels
-        from .records import message_field
 
         self.spec, self.spec_dir, self.cache_root = spec, spec_dir, cache_root
         self.write, self.styles, self.batch, self.log = write, styles, batch, log
@@ -202,6 +201,4 @@ class FailureRounds:
         return float((model.probs(x).argmax(1) == y).mean())
 
     def _text(self, record: dict) -> str | None:
-        value = record.get("input")
-        text = value.get(self.field) if isinstance(value, dict) else None
-        return text if isinstance(text, str) else None
+        return message_text(record, self.field)

@@ -53,6 +53,13 @@ def message_field(input_schema: dict) -> str | None:
     return (required or strings or [None])[0]
 
 
+def message_text(record: dict, field: str | None) -> str | None:
+    """The text a record's input holds under `field` (message_field's), or None."""
+    value = record.get("input")
+    text = value.get(field) if isinstance(value, dict) and field else None
+    return text if isinstance(text, str) else None
+
+
 def write_jsonl(path: Path, records: Iterable[dict]) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as f:

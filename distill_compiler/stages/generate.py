@@ -117,18 +117,28 @@ async def _generate(ctx, known: list[dict], found):
         except BudgetExhausted as stop:
             # Restated now that requests in flight when it was hit have finished and been paid.
             raise BudgetExhausted(stop.what, teacher.usage) from None
-        extra = {}
-        if spec.teacher.pool:
-            selection = pool_selection(spec, ctx.spec_dir, ctx.cache_root, generator, ctx.log)
-            generated += await selection.run(read_pool(spec, ctx.spec_dir), known + generated)
-            extra["pool"] = selection.stats()
-        if spec.data.rounds:
-            rounds = failure_rounds(spec, ctx.spec_dir, ctx.cache_root, generator, ctx.log)
-            generated += await rounds.run(known + generated)
-            extra["failure_rounds"] = rounds.stats()
-        return generated, teacher.usage, generator.rejected, extra
+        added, extra = await label_beyond_generation(spec, ctx.spec_dir, ctx.cache_root, generator,
+                                                     known + generated, ctx.log)
+        return generated + added, teacher.usage, generator.rejected, extra
     finally:
         cache.close()
+
+
+async def label_beyond_generation(spec, spec_dir: Path, cache_root: Path, generator,
+                                  known: list[dict], log) -> tuple[list[dict], dict]:
+    """What the teacher labels after generation, each step seeing all labelled before it:
+    the pool's picks, then the failure rounds' examples; and their stats by name."""
+    added: list[dict] = []
+    extra: dict = {}
+    if spec.teacher.pool:
+        selection = pool_selection(spec, spec_dir, cache_root, generator, log)
+        added += await selection.run(read_pool(spec, spec_dir), known)
+        extra["pool"] = selection.stats()
+    if spec.data.rounds:
+        rounds = failure_rounds(spec, spec_dir, cache_root, generator, log)
+        added += await rounds.run(known + added)
+        extra["failure_rounds"] = rounds.stats()
+    return added, extra
 
 
 def failure_rounds(spec, spec_dir: Path, cache_root: Path, generator, log):
@@ -178,18 +188,15 @@ async def _estimate(spec, spec_dir: Path, cache_root: Path):
     from ..teacher.prompts import Prompts
 
     templates = spec_dir / spec.teacher.templates if spec.teacher.templates else None
-    found = find_pairs(spec, spec_dir)  # what run() finds, so its hard negatives are counted
+    replayed = LogReader(spec, spec_dir).replay(spec.teacher.logs)
+    found = find_pairs(spec, spec_dir, replayed)  # as run() finds them: their requests count
     cache = open_cache(cache_root)
     try:
         teacher = DryTeacher.for_teacher(spec.teacher, cache, stand_in(spec))
         generator = Generator(spec, teacher, Prompts(templates), found)
         generated = await generator.run(lambda n=1: None)
-        known = LogReader(spec, spec_dir).replay(spec.teacher.logs) + generated
-        if spec.teacher.pool:
-            selection = pool_selection(spec, spec_dir, cache_root, generator, lambda m: None)
-            known += await selection.run(read_pool(spec, spec_dir), known)
-        if spec.data.rounds:
-            await failure_rounds(spec, spec_dir, cache_root, generator, lambda m: None).run(known)
+        await label_beyond_generation(spec, spec_dir, cache_root, generator,
+                                      replayed + generated, lambda message: None)
         return teacher.estimate()
     finally:
         if cache is not None:
@@ -234,18 +241,13 @@ def stand_in(spec):
 
 # --------------------------------------------------------------------------- confusable pairs
 
-def find_pairs(spec, spec_dir: Path, replayed: list[dict] | None = None
-               ) -> list[tuple[str, str, float]]:
+def find_pairs(spec, spec_dir: Path, replayed: list[dict]) -> list[tuple[str, str, float]]:
     """The intent pairs nearest in embedding space (data/confusable.py), found once per run
-    from the spec and the replayed log records (replayed here when not given); none unless
-    hard negatives are generated."""
+    from the spec and the replayed log records; none unless hard negatives are generated."""
     if spec.task != "classify" or not (spec.data.confusable_pairs and spec.data.hard_negatives):
         return []
     from ..data.confusable import found_pairs
-    from ..teacher.logs import LogReader
 
-    if replayed is None:
-        replayed = LogReader(spec, spec_dir).replay(spec.teacher.logs)
     return found_pairs(spec, spec_dir, replayed)
 
 
