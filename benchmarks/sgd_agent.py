@@ -111,37 +111,40 @@ def call_message(call_id: str, name: str, parameters: dict) -> dict:
 
 
 def dialogue_lines(dialogue: dict, tools: dict[str, list[dict]], context_turns: int = 0,
-                   max_results: int = 0) -> list[dict]:
-    """A dialogue's service calls as teacher-log lines, in order.
+                   max_results: int = 0, replies: bool = False) -> list[dict]:
+    """A dialogue's service calls as teacher-log lines, in order; with `replies`, also each
+    SYSTEM turn that calls nothing, its utterance as the response (the "no call" class).
 
     `tools` maps a service name to its OpenAI tools. `context_turns` keeps only the last K
     dialogue turns before each call (0: all), cut so that the context starts on a user turn;
     `max_results` keeps the first R entities of each earlier call's results (0: all). Each line
     carries `meta` (dialogue id, service, calls made before it in the dialogue), which log
-    replay ignores and the evaluation reads.
+    replay ignores and the evaluation reads; `meta.kind` is "call" or "reply".
     """
     offered = [t for service in dialogue["services"] for t in tools[service]]
     messages: list[dict] = []
     starts: list[int] = []  # index in `messages` where each dialogue turn begins
     lines: list[dict] = []
+    depth = 0  # service calls made so far in the dialogue
     for index, turn in enumerate(dialogue["turns"]):
         starts.append(len(messages))
         if turn["speaker"] == "USER":
             messages.append({"role": "user", "content": turn["utterance"]})
             continue
-        for frame in turn["frames"]:
-            call = frame.get("service_call")
-            if call is None:
-                continue
-            call_id = f"call_{len(lines)}"
+        context_start = starts[_first_kept_turn(dialogue["turns"], index, context_turns)]
+        calls = [frame for frame in turn["frames"] if frame.get("service_call")]
+        if replies and not calls:
+            service = turn["frames"][0]["service"] if turn["frames"] else dialogue["services"][0]
+            lines.append(_line(dialogue, service, messages[context_start:],
+                               offered, {"role": "assistant", "content": turn["utterance"]},
+                               "reply", depth))
+        for frame in calls:
+            call = frame["service_call"]
+            call_id = f"call_{depth}"
             name = tool_name(frame["service"], call["method"])
-            context = messages[starts[_first_kept_turn(dialogue["turns"], index, context_turns)]:]
-            lines.append({
-                "request": {"messages": context, "tools": offered},
-                "response": {"choices": [{"message": call_message(call_id, name,
-                                                                   call["parameters"])}]},
-                "meta": {"dialogue_id": dialogue["dialogue_id"], "service": frame["service"],
-                         "depth": len(lines)}})
+            lines.append(_line(dialogue, frame["service"], messages[context_start:], offered,
+                               call_message(call_id, name, call["parameters"]), "call", depth))
+            depth += 1
             results = frame.get("service_results") or []
             messages += [call_message(call_id, name, call["parameters"]),
                          {"role": "tool", "tool_call_id": call_id, "content": json.dumps(
@@ -149,6 +152,14 @@ def dialogue_lines(dialogue: dict, tools: dict[str, list[dict]], context_turns: 
                              ensure_ascii=False)}]
         messages.append({"role": "assistant", "content": turn["utterance"]})
     return lines
+
+
+def _line(dialogue: dict, service: str, context: list[dict], offered: list[dict],
+          response: dict, kind: str, depth: int) -> dict:
+    return {"request": {"messages": context, "tools": offered},
+            "response": {"choices": [{"message": response}]},
+            "meta": {"dialogue_id": dialogue["dialogue_id"], "service": service, "depth": depth,
+                     "kind": kind}}
 
 
 def _first_kept_turn(turns: list[dict], index: int, context_turns: int) -> int:
@@ -161,9 +172,10 @@ def _first_kept_turn(turns: list[dict], index: int, context_turns: int) -> int:
 
 
 def convert(dialogues: Sequence[dict], services: dict[str, dict], context_turns: int,
-            max_results: int, slot_descriptions: bool = True) -> list[dict]:
+            max_results: int, slot_descriptions: bool = True, replies: bool = False) -> list[dict]:
     tools = {name: service_tools(s, slot_descriptions) for name, s in services.items()}
-    return [line for d in dialogues for line in dialogue_lines(d, tools, context_turns, max_results)]
+    return [line for d in dialogues
+            for line in dialogue_lines(d, tools, context_turns, max_results, replies)]
 
 
 def read_dialogues(split: str) -> list[dict]:
@@ -237,6 +249,32 @@ def call_report(points: Sequence, completions: Sequence, depths: Sequence[int]) 
     return {"method_accuracy": method_accuracy(predicted, targets), **report}
 
 
+def subset(points: Sequence, completions: Sequence, depths: Sequence[int],
+           keep: Sequence[bool]) -> tuple[list, list, list]:
+    rows = [(p, c, d) for p, c, d, k in zip(points, completions, depths, keep) if k]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def cascade_on_dev(evaluate_dir: Path, points: Sequence, completions: Sequence) -> dict:
+    """The bundle's cascade policy (policy.json: the threshold evaluate fitted for the spec's
+    target on the test split) applied to the constrained dev answers: how many it would send
+    to the teacher, and how often what it keeps agrees with SGD's system turn."""
+    from distill_compiler.metrics.structured import turn_agrees
+    from distill_compiler.runtime.causal import CausalPolicy
+
+    policy = CausalPolicy(json.loads((evaluate_dir / "policy.json").read_text()))
+    routes = [policy.decide(policy.trigger_text(p.input), c.message, c.confidence, c.truncated)
+              for p, c in zip(points, completions)]
+    kept = [turn_agrees(c.message, p.target)
+            for p, c, r in zip(points, completions, routes) if r.route == "student"]
+    escalated = sum(r.route == "teacher" for r in routes)
+    return {"threshold": policy.threshold, "n": len(points),
+            "escalation_rate": round(escalated / len(points), 4) if points else None,
+            "accepted_agreement": round(sum(kept) / len(kept), 4) if kept else None,
+            "rules": {rule: sum(r.rule == rule for r in routes)
+                      for rule in sorted({r.rule for r in routes})}}
+
+
 def tokens_per_second(decoders: dict, chat, points: Sequence, max_new_tokens: int) -> dict:
     """Constrained greedy decoding of the same prompts by each decoder, alternating per prompt
     (after one warm-up prompt each), so machine noise hits all alike. A completion's seconds
@@ -265,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="seeded sample of train dialogues (0: all 2,772)")
     parser.add_argument("--dev-points", type=int, default=150,
                         help="seeded sample of dev call points to report on (0: all 1,526)")
+    parser.add_argument("--dev-replies", type=int, default=50,
+                        help="seeded sample of dev turns that call nothing, scored beside the "
+                             "call points so that \"no call\" is a class (0: none)")
     parser.add_argument("--context-turns", type=int, default=4,
                         help="dialogue turns of context kept before each call (0: all)")
     parser.add_argument("--max-results", type=int, default=1,
@@ -278,8 +319,13 @@ def main(argv: list[str] | None = None) -> None:
 
     services = read_schemas([DATA / "train" / "schema.json", DATA / "dev" / "schema.json"])
     options = (args.context_turns, args.max_results, args.slot_descriptions)
-    train = convert(sample(read_dialogues("train"), args.train_dialogues, args.seed), services, *options)
-    dev = sample(convert(read_dialogues("dev"), services, *options), args.dev_points, args.seed)
+    train_dialogues = sample(read_dialogues("train"), args.train_dialogues, args.seed)
+    train = convert(train_dialogues, services, *options)
+    dev_lines = convert(read_dialogues("dev"), services, *options, replies=True)
+    dev = [*sample([x for x in dev_lines if x["meta"]["kind"] == "call"], args.dev_points, args.seed),
+           *(sample([x for x in dev_lines if x["meta"]["kind"] == "reply"], args.dev_replies,
+                    args.seed) if args.dev_replies else [])]
+    seen = {service for d in train_dialogues for service in d["services"]}
     train_log = write_jsonl(args.workdir / "train.jsonl", train)
     dev_log = write_jsonl(args.workdir / "dev.jsonl", dev)
     tools = [t for s in services.values() for t in service_tools(s, args.slot_descriptions)]
@@ -292,26 +338,33 @@ def main(argv: list[str] | None = None) -> None:
         "student_base": spec.student.base,
         "from_scratch": spec.student.base.startswith("scratch:"),
         "data": {"train_dialogues": args.train_dialogues or "all", "train_calls": len(train),
-                 "dev_calls": len(dev), "context_turns": args.context_turns or "all",
+                 "dev_calls": sum(x["meta"]["kind"] == "call" for x in dev),
+                 "dev_replies": sum(x["meta"]["kind"] == "reply" for x in dev),
+                 "services_seen_in_train": sorted(seen), "context_turns": args.context_turns or "all",
                  "max_results": args.max_results or "all", "tools_in_spec": len(tools)},
         "compile_seconds": compiled.seconds,
         "stages": compiled.stages(),
     }
     artifacts = compiled.artifacts
     if "export" in artifacts:
-        results.update(evaluate_dev(spec, artifacts["export"], dev_log, dev, args))
+        results.update(evaluate_dev(spec, artifacts, dev_log, dev, seen, args))
     write_results(args.workdir, results)
 
 
-def evaluate_dev(spec, export_dir: Path, dev_log: Path, dev: list[dict], args) -> dict:
-    """Dev call points through the shipped decoder, constrained and not, then tokens/s of the
-    fp32 graph against the shipped one."""
+def evaluate_dev(spec, artifacts: dict[str, Path], dev_log: Path, dev: list[dict],
+                 seen: set[str], args) -> dict:
+    """Dev points through the shipped decoder, constrained and not (overall, and apart for
+    services train showed and ones it never did), the bundle's cascade on the constrained
+    answers, then tokens/s of the fp32 graph against the shipped one."""
     from distill_compiler.runtime.chat_format import ChatFormat
     from distill_compiler.runtime.decoder import Decoder
 
+    export_dir = artifacts["export"]
     chat = ChatFormat.from_dict(json.loads((export_dir / "chat.json").read_text()))
     points = call_points(spec, chat, dev_log, dev)
     depths = [line["meta"]["depth"] for line in dev]
+    groups = {"seen": [line["meta"]["service"] in seen for line in dev]}
+    groups["unseen"] = [not s for s in groups["seen"]]
     shipped = Decoder(export_dir, threads=args.threads)  # model.onnx, quantized as the spec says
     fp32 = Decoder(export_dir, threads=args.threads, model="model.fp32.onnx")
     budget = spec.export.max_new_tokens
@@ -323,6 +376,13 @@ def evaluate_dev(spec, export_dir: Path, dev_log: Path, dev: list[dict], args) -
         "dev_seconds": round(time.perf_counter() - started, 1),
         "dev_constrained": call_report(points, constrained, depths),
         "dev_unconstrained": call_report(points, free, depths),
+        **{f"dev_constrained_{name}_services": call_report(*subset(points, constrained, depths, keep))
+           for name, keep in groups.items()},
+        **{f"dev_unconstrained_{name}_services": call_report(*subset(points, free, depths, keep))
+           for name, keep in groups.items()},
+        # evaluate fits the cascade's threshold; it runs with --until evaluate (or bundle)
+        **({"dev_cascade": cascade_on_dev(artifacts["evaluate"], points, constrained)}
+           if "evaluate" in artifacts else {}),
         "tokens_per_second": {
             "prompts": max(0, min(args.speed_points, len(points)) - 1),
             "threads": args.threads, "cpu_count": os.cpu_count(),

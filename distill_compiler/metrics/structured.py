@@ -246,7 +246,8 @@ def _valid_call(name: Any, arguments: Any, tools: Sequence[dict]) -> bool:
 
 def summarize_turns(turns: Sequence[Turn]) -> dict:
     """Call and text metrics over scored turns. Tool-name accuracy and call exact match are over
-    the turns where the teacher called; argument F1 is micro over all turns' triples, so a missed
+    the turns where the teacher called; action accuracy is tool-name accuracy over every turn
+    with "no call" as one more class; argument F1 is micro over all turns' triples, so a missed
     call costs recall and a spurious one precision; schema validity is over the student's calls."""
     called = [t for t in turns if t.tools]
     texts = [t for t in turns if not t.tools]
@@ -259,6 +260,7 @@ def summarize_turns(turns: Sequence[Turn]) -> dict:
         "spurious_calls": sum(not t.decided for t in texts),
         "call_turns": len(called),
         "tool_name_accuracy": rate(sum(t.named for t in called), len(called)),
+        "action_accuracy": rate(sum(t.named for t in turns), len(turns)),
         "call_exact_match": rate(sum(t.exact for t in called), len(called)),
         "arguments": prf(sum(t.argument_hits for t in turns),
                          sum(t.argument_predicted for t in turns),

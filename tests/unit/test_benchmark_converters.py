@@ -138,7 +138,20 @@ def test_each_service_call_becomes_a_log_line_with_the_dialogues_tools():
     assert call_of(second["response"]["choices"][0]["message"])[0] == \
         "Restaurants_1__ReserveRestaurant"
     assert [line["meta"]["depth"] for line in (first, second)] == [0, 1]
-    assert first["meta"] == {"dialogue_id": "1_00000", "service": "Restaurants_1", "depth": 0}
+    assert first["meta"] == {"dialogue_id": "1_00000", "service": "Restaurants_1", "depth": 0,
+                             "kind": "call"}
+
+
+def test_replies_add_the_turns_that_call_nothing_and_leave_the_calls_as_they_were():
+    both = sgd.convert([DIALOGUE], SERVICES, 0, 0, replies=True)
+    replies = [line for line in both if line["meta"]["kind"] == "reply"]
+    assert [r["response"]["choices"][0]["message"] for r in replies] == [
+        {"role": "assistant", "content": text}
+        for text in ("Any price range?", "A table for 2 at 7 pm, right?", "Goodbye.")]
+    assert [r["meta"]["depth"] for r in replies] == [0, 1, 2]  # calls made before each
+    assert [r["request"]["messages"][-1]["content"] for r in replies] == [
+        "Find me an Italian place in San Jose.", "Book it for 2 at 7 pm.", "Thanks, bye."]
+    assert [line for line in both if line["meta"]["kind"] == "call"] == lines()
 
 
 def test_an_earlier_call_is_a_tool_call_then_its_results_then_the_reply():

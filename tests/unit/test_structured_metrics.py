@@ -118,6 +118,7 @@ def test_agent_report_overall_figures():
     assert (r["missed_calls"], r["spurious_calls"]) == (1, 1)
     assert r["call_turns"] == 7
     assert r["tool_name_accuracy"] == pytest.approx(3 / 7)   # turns 1, 2, 7
+    assert r["action_accuracy"] == pytest.approx(4 / 9)      # those and turn 6's text for text
     assert r["call_exact_match"] == pytest.approx(1 / 7)     # turn 1
     # triples: hits 2+2+0+0+0+0+0+1+1, predicted 2+3+2+0+1+0+0+1+1, true 2+3+1+1+0+0+1+2+1
     assert r["arguments"] == {"precision": pytest.approx(6 / 10), "recall": pytest.approx(6 / 11),
