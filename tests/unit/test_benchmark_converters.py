@@ -239,6 +239,21 @@ def test_method_accuracy_ignores_the_service_and_call_report_scores_depths(sgd_s
     assert report["per_depth"]["1"]["missed_calls"] == 1
 
 
+def test_dev_cascade_applies_the_bundles_threshold_and_splits_by_service(sgd_spec, tmp_path):
+    spec, log = sgd_spec
+    found = sgd.call_points(spec, ChatFormat(), log, lines())
+    policy = {"format": 1, "task": "agent", "chat": ChatFormat().to_dict(), "max_new_tokens": 96,
+              "threshold": 0.5}
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    sure = SimpleNamespace(message=found[0].target, confidence=0.9, truncated=False)
+    unsure = SimpleNamespace(message=found[1].target, confidence=0.2, truncated=False)
+    cascade = sgd.cascade_on_dev(tmp_path, found, [sure, unsure])
+    assert (cascade["escalation_rate"], cascade["accepted_agreement"]) == (0.5, 1.0)
+    assert cascade["rules"] == {"confident": 1, "low_confidence": 1}
+    kept = sgd.subset(found, [sure, unsure], [0, 1], [False, True])
+    assert kept == ([found[1]], [unsure], [1])
+
+
 def test_sample_is_seeded_and_keeps_order():
     items = list(range(100))
     picked = sgd.sample(items, 10, seed=0)
