@@ -30,6 +30,7 @@ carry the same licence, go to <workdir> (git-ignored).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -313,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slot-descriptions", action="store_true",
                         help="describe each slot in the tool schemas (helps unseen services; "
                              "prompts grow by a third)")
+    parser.add_argument("--unconstrained", action=argparse.BooleanOptionalAction, default=True,
+                        help="also decode dev without the constraint (--no-unconstrained halves "
+                             "the dev time, e.g. for the zero-shot floor)")
     parser.add_argument("--speed-points", type=int, default=20,
                         help="dev points decoded by both fp32 and int8 for tokens/s")
     args = parser.parse_args(argv)
@@ -370,16 +374,16 @@ def evaluate_dev(spec, artifacts: dict[str, Path], dev_log: Path, dev: list[dict
     budget = spec.export.max_new_tokens
     started = time.perf_counter()
     constrained = predict(shipped, chat, points, True, budget)
-    free = predict(shipped, chat, points, False, budget)
+    free = predict(shipped, chat, points, False, budget) if args.unconstrained else None
     return {
         "shipped_quantize": spec.export.quantize,
         "dev_seconds": round(time.perf_counter() - started, 1),
         "dev_constrained": call_report(points, constrained, depths),
-        "dev_unconstrained": call_report(points, free, depths),
+        **({"dev_unconstrained": call_report(points, free, depths)} if free is not None else {}),
         **{f"dev_constrained_{name}_services": call_report(*subset(points, constrained, depths, keep))
            for name, keep in groups.items()},
         **{f"dev_unconstrained_{name}_services": call_report(*subset(points, free, depths, keep))
-           for name, keep in groups.items()},
+           for name, keep in groups.items() if free is not None},
         # evaluate fits the cascade's threshold; it runs with --until evaluate (or bundle)
         **({"dev_cascade": cascade_on_dev(artifacts["evaluate"], points, constrained)}
            if "evaluate" in artifacts else {}),
