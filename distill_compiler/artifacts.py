@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .runtime.format import sha256_file
@@ -25,9 +25,18 @@ class Artifact:
     kind: str
     digest: str
     meta: dict
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def digest_of(self, names: tuple[str, ...]) -> str:
+        """The digest of some of its files: what a stage that reads only those is keyed on.
+        The whole artifact's digest when one of them is not listed (an artifact sealed before
+        artifact.json listed its files, or one without that file)."""
+        if not all(name in self.files for name in names):
+            return self.digest
+        return digest_of({name: self.files[name] for name in names})
 
 
 def file_digests(root: Path) -> dict[str, str]:
@@ -55,7 +64,7 @@ def seal(root: Path, kind: str, meta: dict) -> Artifact:
     record = {"kind": kind, "schema_version": SCHEMA_VERSION, "digest": digest, "files": files,
               **meta}
     (root / MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True))
-    return Artifact(root, kind, digest, meta)
+    return Artifact(root, kind, digest, meta, files)
 
 
 def open_artifact(root: Path, verify: bool = True) -> Artifact | None:
@@ -82,7 +91,8 @@ def check_artifact(root: Path, verify: bool = True) -> tuple[Artifact | None, st
             return None, _what_changed(record.get("files"), files)
     meta = {k: v for k, v in record.items()
             if k not in ("kind", "digest", "schema_version", "files")}
-    return Artifact(root, kind, digest, meta), ""
+    files = record.get("files")
+    return Artifact(root, kind, digest, meta, files if isinstance(files, dict) else {}), ""
 
 
 def _what_changed(recorded, found: dict[str, str]) -> str:

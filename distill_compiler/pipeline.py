@@ -1,8 +1,9 @@
 """The stages in order, their cache keys, `plan()` with reasons, and `build()`.
 
 A stage's key is sha256 over (stage name, VERSION, the spec sections it is keyed on, the
-digests of its input artifacts and of the external files it reads). A stage only ever sees
-those sections (`SpecView`), so its key cannot miss a field it reads.
+digests of its input artifacts, or of the files it READS from them, and of the external files
+it reads). A stage only ever sees those sections (`SpecView`), so its key cannot miss a field it
+reads.
 """
 
 from __future__ import annotations
@@ -118,6 +119,14 @@ def external_digests(module: ModuleType, spec: Spec, spec_dir: Path) -> dict[str
     return out
 
 
+def input_digests(module: ModuleType, inputs: dict[str, Artifact]) -> dict[str, str]:
+    """What each input contributes to the stage's key: its digest, or only that of the files
+    the stage READS from it."""
+    reads = getattr(module, "READS", {})
+    return {name: artifact.digest_of(tuple(reads[name])) if name in reads else artifact.digest
+            for name, artifact in inputs.items()}
+
+
 def stage_key(name: str, version: str, sections: dict, inputs: dict[str, str],
               files: dict[str, str]) -> str:
     payload = {"stage": name, "version": version, "sections": sections, "inputs": inputs,
@@ -147,20 +156,20 @@ def _describe(module: ModuleType, spec: Spec, project: Project,
 def plan(project: Project, stages: list[ModuleType] | None = None) -> list[StagePlan]:
     """For each stage: cached or stale, and why, without running anything."""
     store, lock = Store(project.cache_root), read_lock(project.build_dir)
-    digests: dict[str, str] = {}
+    hits: dict[str, Artifact] = {}
     out: list[StagePlan] = []
     for module in stages or default_stages():
         name = stage_name(module)
-        stale_upstream = [u for u in module.INPUTS if u not in digests]
+        stale_upstream = [u for u in module.INPUTS if u not in hits]
         if stale_upstream:
             out.append(StagePlan(name, "stale", [f"upstream {', '.join(stale_upstream)} stale"],
                                  None, {}))
             continue
-        inputs = {u: digests[u] for u in module.INPUTS}
+        inputs = input_digests(module, {u: hits[u] for u in module.INPUTS})
         key, record = _describe(module, project.spec, project, inputs)
         hit, problem = store.lookup(name, key)
         if hit:
-            digests[name] = hit.digest
+            hits[name] = hit
             out.append(StagePlan(name, "cached", [], key, record))
         else:
             out.append(StagePlan(name, "stale", why_stale(lock.get(name), record, problem),
@@ -299,8 +308,7 @@ def _build(project: Project, stages: list[ModuleType], until: str | None,
         if followers_waiting and name == TRAIN:
             followers_waiting = _release_followers()
         inputs = {u: built[u] for u in module.INPUTS}
-        key, record = _describe(module, project.spec, project,
-                                {u: a.digest for u, a in inputs.items()})
+        key, record = _describe(module, project.spec, project, input_digests(module, inputs))
         started = time.perf_counter()
         artifact, problem = (None, "forced") if name in force else store.lookup(name, key)
         cached = artifact is not None
@@ -353,7 +361,7 @@ def _follow(project: Project, stages: list[ModuleType], names: list[str]) -> Bui
     for module in stages:
         name = stage_name(module)
         inputs = {u: built[u] for u in module.INPUTS}
-        key, _ = _describe(module, project.spec, project, {u: a.digest for u, a in inputs.items()})
+        key, _ = _describe(module, project.spec, project, input_digests(module, inputs))
         if name == TRAIN:
             if store.get(name, key) is None:
                 with store.workdir(name) as scratch:

@@ -22,6 +22,9 @@ VERSION = "1"
 KIND = "splits"
 KEYED_ON = ("task", "input", "output", "intents", "tools", "refusals", "data")
 INPUTS = ("generate",)
+# Only the examples: a generate rerun that answers everything from the request cache writes
+# other counts to stats.json, and that alone must not retrain the student.
+READS = {"generate": ("examples.jsonl",)}
 
 REPORT_EXAMPLES = 3  # dropped examples shown per rule
 SOURCE_PREFERENCE = {"log": 0, "teacher": 0, "augment": 1}  # lower is kept on a duplicate

@@ -139,6 +139,33 @@ def test_unchanged_output_stops_the_rebuild_early(stages, project_factory):
     assert [s.calls for s in stages] == [2, 1, 1]
 
 
+def test_a_stage_keyed_on_the_files_it_reads_ignores_the_rest_of_its_input(project_factory):
+    """generate's stats.json differs on a rerun answered from the request cache; curate reads
+    only examples.jsonl, so it (and the training after it) stays cached."""
+    examples = ['{"input": "a"}\n']
+
+    def generate(ctx):
+        (ctx.out / "examples.jsonl").write_text(examples[0])
+        (ctx.out / "stats.json").write_text(json.dumps({"cached": stages[0].calls}))
+
+    def curate(ctx):
+        (ctx.out / "out.json").write_text(ctx.inputs["generate"].file("examples.jsonl").read_text())
+
+    stages = [make_stage("generate", ("task",), body=generate),
+              make_stage("curate", ("data",), inputs=("generate",), body=curate),
+              make_stage("bundle", ("name",), inputs=("generate", "curate"))]
+    stages[1].READS = {"generate": ("examples.jsonl",)}
+    stages[2].run = lambda ctx: (ctx.out / "out.json").write_text(
+        (ctx.inputs["generate"].path / "stats.json").read_text())
+    pipeline.build(project_factory(), stages=stages)
+    result = pipeline.build(project_factory(), stages=stages, force=("generate",))
+    assert [r.cached for r in result.runs] == [False, True, False]  # bundle reads the stats
+    assert [s.status for s in pipeline.plan(project_factory(), stages=stages)] == ["cached"] * 3
+    examples[0] = '{"input": "b"}\n'
+    result = pipeline.build(project_factory(), stages=stages, force=("generate",))
+    assert [r.cached for r in result.runs] == [False, False, False]
+
+
 def test_interrupted_stage_leaves_no_cache_entry(stages, project_factory):
     def interrupted(ctx):
         (ctx.out / "half.json").write_text("{")
