@@ -2,15 +2,20 @@
 then report its tool calls on dev, which the compiler never sees.
 
     python benchmarks/sgd_agent.py [--train-dialogues N] [--dev-points N] [--base ID]
-                                   [--context-turns K] [--set student.epochs=2 ...]
+                                   [--train-traces dialogues|calls] [--set student.epochs=2 ...]
 
-Every SYSTEM turn that makes a service call becomes one recorded teacher-log line: the
-conversation before it is the request (user turns as user messages, earlier system turns as
-assistant text, earlier calls as assistant tool calls each followed by a tool message holding
-that call's results), the call is the response, and the request offers the tools of the
-dialogue's services only. One tool per (service, intent) of schema.json, named
-`<service>__<intent>` because intents repeat across services (FindRestaurants is in Restaurants_1
-and Restaurants_2, with different slots). The spec lists the tools of train and dev: dev has
+Each train dialogue becomes one recorded teacher-log line (`--train-traces dialogues`, the
+default): every turn before its last SYSTEM turn is the request (user turns as user messages,
+system turns as assistant text, calls as assistant tool calls each followed by a tool message
+holding that call's results), the last turn the response, and the request offers the tools of
+the dialogue's services only. The compiler trains every assistant turn of a trace, so each
+SYSTEM turn, call or reply, is a target. `--train-traces calls` makes one line per call point
+instead, cut to the last `--context-turns` turns: the recipe of the first pretrained-base table,
+which taught the student to call at almost every turn (benchmarks/RESULTS.md). Dev is scored
+per SYSTEM turn: call points and turns that call nothing, each with the dialogue before it.
+One tool per (service, intent) of schema.json, named `<service>__<intent>` because intents
+repeat across services (FindRestaurants is in Restaurants_1 and Restaurants_2, with different
+slots). The spec lists the tools of train and dev: dev has
 services train never saw (Alarm_1, Banks_2, Flights_3, Hotels_4, Restaurants_2).
 
 Prints (and writes to <workdir>/results.json): on dev, tool-name and method accuracy, full-call
@@ -19,11 +24,11 @@ per call depth (service calls made earlier in the dialogue) and per tool, and to
 of the fp32 and int8 ONNX decoders measured side by side in one run.
 
 The defaults are sized for a 2-core CPU and the default base (`smollm2-135m`, ~130 tokens/s of
-full fine-tuning there): a seeded sample of train dialogues and dev call points, the last K turns
-of context and the first R results of each earlier call. `--base scratch:4x256` is the
+full fine-tuning there): a seeded sample of train dialogues and dev points and the first R
+results of each earlier call. `--base scratch:4x256` is the
 from-scratch student of earlier tables; `--set student.epochs=0` the untuned base (zero-shot).
 On a GPU pass `--base gemma-3-270m` (or any causal LM), `--train-dialogues 0 --dev-points 0`
-(everything) and `--context-turns 0 --max-results 0 --slot-descriptions` (whole prompts).
+(everything) and `--max-results 0 --slot-descriptions` (whole prompts).
 Data: ../shared/datasets/sgd (CC BY-SA 4.0, Google), read in place; the converted logs, which
 carry the same licence, go to <workdir> (git-ignored).
 """
@@ -163,6 +168,12 @@ def _line(dialogue: dict, service: str, context: list[dict], offered: list[dict]
                      "kind": kind}}
 
 
+def calls_in(line: dict) -> int:
+    """Service calls a log line trains: those in its context and its response."""
+    messages = [*line["request"]["messages"], line["response"]["choices"][0]["message"]]
+    return sum(len(m.get("tool_calls") or ()) for m in messages if m["role"] == "assistant")
+
+
 def _first_kept_turn(turns: list[dict], index: int, context_turns: int) -> int:
     """The first turn of the last `context_turns` turns before `index`, moved on to a user turn
     so that a truncated context never opens with the assistant."""
@@ -177,6 +188,17 @@ def convert(dialogues: Sequence[dict], services: dict[str, dict], context_turns:
     tools = {name: service_tools(s, slot_descriptions) for name, s in services.items()}
     return [line for d in dialogues
             for line in dialogue_lines(d, tools, context_turns, max_results, replies)]
+
+
+def whole_dialogues(dialogues: Sequence[dict], services: dict[str, dict], max_results: int,
+                    slot_descriptions: bool = True) -> list[dict]:
+    """Each dialogue as one teacher-log line: every turn before its last SYSTEM turn is the
+    request and that turn the response. The compiler trains every assistant turn of a trace, so
+    one line trains all of a dialogue's calls and replies in one pass over its tokens, at every
+    depth. Call points cut at the last K turns train only calls as the final turn, and a student
+    learns from them that a turn after that much context calls a tool."""
+    tools = {name: service_tools(s, slot_descriptions) for name, s in services.items()}
+    return [dialogue_lines(d, tools, 0, max_results, replies=True)[-1] for d in dialogues]
 
 
 def read_dialogues(split: str) -> list[dict]:
@@ -307,8 +329,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev-replies", type=int, default=50,
                         help="seeded sample of dev turns that call nothing, scored beside the "
                              "call points so that \"no call\" is a class (0: none)")
-    parser.add_argument("--context-turns", type=int, default=4,
-                        help="dialogue turns of context kept before each call (0: all)")
+    parser.add_argument("--train-traces", choices=("dialogues", "calls"), default="dialogues",
+                        help="calls: one training line per call point, cut to --context-turns; "
+                             "dialogues: one line per whole dialogue, every system turn trained "
+                             "(dev then keeps whole contexts too)")
+    parser.add_argument("--context-turns", type=int, default=None,
+                        help="with --train-traces calls: dialogue turns of context kept before "
+                             "each call (default 4; 0: all)")
     parser.add_argument("--max-results", type=int, default=1,
                         help="results of an earlier call kept in its tool message (0: all)")
     parser.add_argument("--slot-descriptions", action="store_true",
@@ -322,9 +349,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     services = read_schemas([DATA / "train" / "schema.json", DATA / "dev" / "schema.json"])
+    if args.train_traces == "dialogues" and args.context_turns:
+        parser.error("--context-turns cuts call points; whole dialogues keep whole contexts, "
+                     "and so do their dev points (use --train-traces calls to cut both)")
+    if args.context_turns is None:
+        args.context_turns = 4 if args.train_traces == "calls" else 0
     options = (args.context_turns, args.max_results, args.slot_descriptions)
     train_dialogues = sample(read_dialogues("train"), args.train_dialogues, args.seed)
-    train = convert(train_dialogues, services, *options)
+    train = (whole_dialogues(train_dialogues, services, args.max_results, args.slot_descriptions)
+             if args.train_traces == "dialogues" else convert(train_dialogues, services, *options))
     dev_lines = convert(read_dialogues("dev"), services, *options, replies=True)
     dev = [*sample([x for x in dev_lines if x["meta"]["kind"] == "call"], args.dev_points, args.seed),
            *(sample([x for x in dev_lines if x["meta"]["kind"] == "reply"], args.dev_replies,
@@ -341,7 +374,9 @@ def main(argv: list[str] | None = None) -> None:
         "command": command("sgd_agent.py", argv),
         "student_base": spec.student.base,
         "from_scratch": spec.student.base.startswith("scratch:"),
-        "data": {"train_dialogues": args.train_dialogues or "all", "train_calls": len(train),
+        "data": {"train_dialogues": args.train_dialogues or "all", "train_traces": args.train_traces,
+                 "train_lines": len(train),
+                 "train_calls": sum(map(calls_in, train)),
                  "dev_calls": sum(x["meta"]["kind"] == "call" for x in dev),
                  "dev_replies": sum(x["meta"]["kind"] == "reply" for x in dev),
                  "services_seen_in_train": sorted(seen), "context_turns": args.context_turns or "all",

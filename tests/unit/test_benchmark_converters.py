@@ -209,6 +209,23 @@ def test_log_lines_replay_as_valid_traces_offering_only_their_tools(sgd_spec):
         '"party_size": "2"}')
 
 
+def test_a_whole_dialogue_is_one_trace_training_every_system_turn(sgd_spec):
+    spec, log = sgd_spec
+    (line,) = sgd.whole_dialogues([DIALOGUE], SERVICES, max_results=0)
+    assert sgd.calls_in(line) == 2
+    assert line["response"]["choices"][0]["message"] == {"role": "assistant", "content": "Goodbye."}
+    # The last reply line with whole contexts: every line of the dialogue is a prefix of it.
+    assert line == sgd.convert([DIALOGUE], SERVICES, 0, 0, replies=True)[-1]
+    sgd.write_jsonl(log, [line])
+    (record,) = LogReader(spec, log.parent).replay((log.name,))
+    found = points(record, spec, ChatFormat())
+    # Each SYSTEM turn is a point: a reply, a call then its reply after the results, ...
+    assert [p.target.get("content") or call_of(p.target)[0] for p in found] == [
+        "Any price range?", "Restaurants_1__FindRestaurants", "Pasta Place 0 is nice.",
+        "A table for 2 at 7 pm, right?", "Restaurants_1__ReserveRestaurant", "Booked.",
+        "Goodbye."]
+
+
 def test_a_call_missing_a_required_slot_is_what_curate_drops(sgd_spec):
     spec, log = sgd_spec
     record = LogReader(spec, log.parent).replay((log.name,))[0]
